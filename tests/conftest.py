@@ -1,0 +1,23 @@
+"""Shared test setup: deterministic, offline, CPU-only."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+# Nothing in the suite may reach a network or a logged-in account.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
