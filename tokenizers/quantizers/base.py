@@ -1,6 +1,7 @@
 """What every quantizer shares: the output type, float32 compute and batch statistics."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,9 +25,43 @@ class QuantizerOutput:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+# Codebooks up to this size are counted with a histogram (one pass over tokens and codes);
+# larger ones (LFQ beyond 20 bits) from the sorted indices, whose cost does not grow with them.
+HISTOGRAM_MAX_CODES = 2**20
+
+
 def code_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, torch.Tensor]:
-    """Batch codebook usage fraction and perplexity of ``indices`` (any shape, long)."""
-    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+    """Batch codebook usage fraction and perplexity of ``indices`` (any shape, long).
+
+    With ``n_t`` the batch count of token t's code and T tokens, the batch entropy is
+    ``-(1/T) * sum_t log(n_t / T)``, so only per-token counts are needed. Nothing waits on the
+    host: ``torch.bincount`` (which reads the maximum back on CUDA) is used on CPU only.
+    """
+    flat = indices.reshape(-1)
+    total = flat.numel()
+    if total == 0:
+        zero = torch.zeros((), device=indices.device)
+        return {"usage": zero, "perplexity": zero + 1}
+    if codebook_size <= HISTOGRAM_MAX_CODES:
+        if flat.device.type == "cpu":
+            counts = torch.bincount(flat, minlength=codebook_size)
+        else:
+            counts = torch.zeros(codebook_size, device=flat.device).index_add_(0, flat, torch.ones(total, device=flat.device))
+        distinct = torch.count_nonzero(counts)
+        count_of_token = counts[flat]
+    else:
+        ordered = flat.sort().values
+        distinct = 1 + (ordered[1:] != ordered[:-1]).sum()
+        count_of_token = torch.searchsorted(ordered, ordered, right=True) - torch.searchsorted(ordered, ordered)
+    entropy = math.log(total) - count_of_token.float().log().mean()
+    return {
+        "usage": (distinct.float() / codebook_size).detach(),
+        "perplexity": entropy.exp().detach(),
+    }
+
+
+def counts_stats(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Usage fraction and perplexity from a ``(codebook_size,)`` float histogram of code counts."""
     probs = counts / counts.sum().clamp_min(1)
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
     return {
@@ -59,4 +94,8 @@ class Quantizer(nn.Module):
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """(B, N) long -> (B, N, D) float, the same vectors ``quantized`` holds for them."""
+        raise NotImplementedError
+
+    def get_config(self) -> dict:  # pragma: no cover - abstract
+        """JSON-able constructor arguments plus ``"_target_"``; ``build_quantizer`` rebuilds from it."""
         raise NotImplementedError

@@ -1,0 +1,78 @@
+"""`vistok score`: a thin layer over :mod:`eval.score`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tokenizers.errors import VistokError
+
+EPILOG = """examples:
+  vistok score runs/tok/export sample --limit 256
+  vistok score last.ckpt images/ --num-tokens 8,16,32 --target-psnr 30 --out scores/tok
+  vistok score --reference originals/ --reconstructions other_model/
+
+Images are resized so the shorter side is the tokenizer's size (bicubic) and centre-cropped;
+--no-resize refuses images of another size instead. rFID and LPIPS need weights in the torch
+hub cache (or --inception-weights / --lpips-weights); without them they are skipped with a note."""
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("tokenizer", nargs="?", metavar="TOKENIZER", help="exported tokenizer directory or training .ckpt")
+    parser.add_argument("data", nargs="?", metavar="DATA", help="folder of images, image file, shard URL(s), or 'sample'")
+    parser.add_argument("--num-tokens", metavar="K,K,...", help="token counts to score (default: powers of two up to the maximum, plus it)")
+    parser.add_argument("--limit", type=int, metavar="N", help="score at most N images")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default 16)")
+    parser.add_argument("--inception-weights", metavar="PATH", help="FID Inception weights file (default: the torch hub cache)")
+    parser.add_argument("--lpips-weights", metavar="PATH", help="torchvision VGG16 weights for LPIPS (default: the torch hub cache)")
+    parser.add_argument("--target-psnr", type=float, metavar="DB", help="also pick per image the fewest tokens reaching this PSNR")
+    parser.add_argument("--out", metavar="DIR", help="output folder (default outputs/score/<name>)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--no-resize", action="store_true", help="refuse images whose size differs instead of resizing them")
+    parser.add_argument("--codecs", default="jpeg,webp", metavar="LIST", help="baselines at matched bytes: jpeg,webp (default) or none")
+    parser.add_argument("--examples", type=int, default=8, metavar="N", help="images in the reconstruction grid (default 8)")
+    parser.add_argument("--reference", metavar="DIR", help="folder of original images (with --reconstructions)")
+    parser.add_argument("--reconstructions", metavar="DIR", help="folder of reconstructions named like their originals")
+
+
+def _codecs(value: str) -> tuple[str, ...]:
+    from eval.baselines import CODECS
+
+    names = tuple(n.strip().lower() for n in value.split(",") if n.strip())
+    if names in ((), ("none",)):
+        return ()
+    unknown = [n for n in names if n not in CODECS]
+    if unknown:
+        raise VistokError(f"--codecs does not know {unknown[0]!r}; use a comma-separated list of {', '.join(CODECS)}, or none.")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    folder_mode = args.reference is not None or args.reconstructions is not None
+    if folder_mode:
+        if args.reference is None or args.reconstructions is None:
+            raise VistokError("--reference and --reconstructions go together; pass both folders.")
+        if args.tokenizer is not None:
+            raise VistokError("pass either TOKENIZER DATA or --reference DIR --reconstructions DIR, not both.")
+    elif args.tokenizer is None or args.data is None:
+        raise VistokError("pass a TOKENIZER (exported directory or .ckpt) and DATA (image folder, shards or 'sample'), "
+                          "or --reference DIR --reconstructions DIR.")
+
+    from eval.score import resolve_device, score_folders, score_tokenizer, summary
+
+    resolve_device(args.device)  # before any loading: a missing GPU is the first thing to hear about
+    common = dict(limit=args.limit, batch_size=args.batch_size, device=args.device, inception_weights=args.inception_weights,
+                  lpips_weights=args.lpips_weights, resize=not args.no_resize)
+    if folder_mode:
+        out = Path(args.out) if args.out else Path("outputs") / "score" / (Path(args.reconstructions).resolve().name or "folders")
+        report = score_folders(args.reference, args.reconstructions, out_dir=out, **common)
+    else:
+        tokenizer = Path(args.tokenizer)
+        if not tokenizer.exists():
+            raise VistokError(f"the tokenizer {tokenizer} does not exist; pass an exported tokenizer directory (vistok export) or a training .ckpt.")
+        out = Path(args.out) if args.out else Path("outputs") / "score" / (tokenizer.resolve().stem or "tokenizer")
+        report = score_tokenizer(tokenizer, args.data, args.num_tokens, target_psnr=args.target_psnr, out_dir=out,
+                                 codecs=_codecs(args.codecs), num_examples=args.examples, **common)
+    print(summary(report))
+    return 0

@@ -1,0 +1,80 @@
+"""Figures of a score report: quality against bytes per image, and a grid of reconstructions."""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from eval.report import atomic_output  # noqa: E402
+
+QUALITY_METRICS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS (lower is better)"), ("rfid", "rFID (lower is better)"))
+
+
+def plot_rate_distortion(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+    """One panel per measured metric (PSNR, SSIM, LPIPS, rFID) against bytes per image, log x axis,
+    one line per method (tokenizer, jpeg, webp); the tokenizer's points are labelled with k."""
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    metrics = [(key, label) for key, label in QUALITY_METRICS if any(row.get(key) is not None for row in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics):
+        for method in methods:
+            points = sorted((row["bytes_per_image"], row[key], row["num_tokens"]) for row in rows
+                            if row["method"] == method and row.get(key) is not None and row.get("bytes_per_image"))
+            if not points:
+                continue
+            xs, ys, ks = zip(*points)
+            ax.plot(xs, ys, marker="o", label=method)
+            if method == "tokenizer":
+                for x, y, k in points:
+                    ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per image")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_reconstruction_grid(examples: Mapping[Any, Tensor], path: str | os.PathLike, title: str = "") -> Path:
+    """Rows: example images; columns: the original then each token count's reconstruction.
+
+    examples: {"original": (N, 3, H, W), k: (N, 3, H, W), ...} in [0, 1].
+    """
+    columns = ["original"] + sorted(k for k in examples if k != "original")
+    stack = torch.stack([examples[c].float().clamp(0, 1).cpu() for c in columns], dim=1)  # (N, C, 3, H, W)
+    n, c, _, h, w = stack.shape
+    pad = max(1, h // 16)
+    # white padding right/below each cell, then cells laid out as rows x columns
+    cells = F.pad(stack, (0, pad, 0, pad), value=1.0)
+    canvas = cells.permute(2, 0, 3, 1, 4).reshape(3, n * (h + pad), c * (w + pad))
+    canvas = F.pad(canvas, (pad, 0, pad, 0), value=1.0)
+    cell_inches = max(0.8, w / 100)  # small images are shown enlarged, large ones at ~100 dpi
+    fig, ax = plt.subplots(figsize=(c * cell_inches + 0.4, n * cell_inches + 0.9))
+    ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([pad + j * (w + pad) + w / 2 for j in range(c)])
+    ax.set_xticklabels(["original"] + [f"k={k}" for k in columns[1:]], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    ax.set_yticks([])
+    if title:
+        ax.set_xlabel(title, fontsize=7, wrap=True)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=max(100, int(w / cell_inches)))
+    plt.close(fig)
+    return Path(path)

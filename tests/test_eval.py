@@ -1,0 +1,513 @@
+"""eval/: metrics, FID, codec baselines, rate-distortion, adaptive length and `vistok score`.
+
+No test downloads anything. Where FID is involved the Inception network is torch-fidelity's FID
+Inception-v3 architecture *randomly initialised* (FIDInceptionV3(None)): it checks the pipeline
+(8-bit rounding, TF1 resize, float64 statistics, Frechet distance), not the pretrained weights.
+Most FID tests read its 64-d first pool layer to stay fast on a CPU; one checks the 2048-d path.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+import vistok_cli
+from eval import baselines, metrics
+from eval.metrics import (
+    CodebookUsage,
+    FIDInceptionV3,
+    MeanPSNR,
+    ReconstructionEvaluator,
+    ReconstructionFID,
+    bits_per_image,
+    frechet_distance,
+    psnr_per_image,
+)
+from eval.rate_distortion import adaptive_lengths, choose_lengths, decode_prefixes, default_token_counts, parse_token_counts, rate_distortion
+from tokenizers.errors import VistokError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers and fixtures
+
+
+def smooth_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size) in [0, 1]: smooth colours plus a little grey texture, photo-like enough for codecs."""
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    phase = torch.rand(n, 3, 1, 1, generator=g) * 6.28
+    freq = 2 + 4 * torch.rand(n, 3, 1, 1, generator=g)
+    base = 0.5 + 0.35 * torch.sin(freq * x + phase) * torch.cos(freq * y - phase)
+    return (base + 0.04 * torch.randn(n, 1, size, size, generator=g)).clamp(0, 1)
+
+
+class DCTTokenizer:
+    """A stand-in tokenizer with an exact progressive code (no training needed).
+
+    Soft tokens: token t holds the t-th group of orthonormal 2D DCT coefficients, lowest
+    frequencies first, for all three channels. Decoding a prefix zeroes the rest, so PSNR grows
+    with the prefix length and a flat image is exact from its first token (the DC term).
+    Implements the ImageTokenizer interface that eval/ relies on.
+    """
+
+    def __init__(self, image_size: int = 32, max_tokens: int = 16) -> None:
+        n = image_size
+        k = torch.arange(n, dtype=torch.float64)
+        dct = torch.cos(math.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n)) * math.sqrt(2 / n)
+        dct[0] /= math.sqrt(2)
+        basis = torch.einsum("ux,vy->uvxy", dct, dct).reshape(n * n, n * n)
+        u, v = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        order = torch.argsort((u + v).flatten() * n + u.flatten())
+        self.basis = basis[order].float()  # (HW, HW), rows by increasing frequency
+        self.image_size, self.max_tokens = n, max_tokens
+        self.codebook_size, self.token_dim = None, 3 * n * n // max_tokens
+        self.is_discrete, self.arch = False, "dct"
+
+    def to(self, device):  # noqa: ARG002 - CPU only
+        return self
+
+    def eval(self):
+        return self
+
+    def encode(self, images: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+        coeffs = images.flatten(2) @ self.basis.T  # (B, 3, HW)
+        tokens = coeffs.transpose(1, 2).reshape(images.shape[0], self.max_tokens, self.token_dim)
+        return tokens[:, : num_tokens or self.max_tokens]
+
+    def decode(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        b, k, _ = tokens.shape
+        full = torch.zeros(b, self.max_tokens, self.token_dim)
+        full[:, :k] = tokens
+        if lengths is not None:
+            full = full * (torch.arange(self.max_tokens)[None, :] < lengths[:, None])[..., None]
+        coeffs = full.reshape(b, -1, 3).transpose(1, 2)
+        return (coeffs @ self.basis).reshape(b, 3, self.image_size, self.image_size).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def inception64() -> FIDInceptionV3:
+    # Randomly initialised FID Inception (no download), 64-d features for speed.
+    return FIDInceptionV3(None, features=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from tokenizers.model import build_tokenizer
+
+    torch.manual_seed(0)
+    return build_tokenizer(image_size=16, num_tokens=8).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A checkpoint shaped like the training module's (see the contract), of an untrained tokenizer."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    state = tiny_tokenizer.state_dict()
+    torch.save({
+        "hyper_parameters": {"tokenizer": tiny_tokenizer.config},
+        "state_dict": {f"tokenizer.{k}": v for k, v in state.items()},
+        "ema_state_dict": state,
+        "vistok": {"metrics": {}, "step": 0, "version": "test"},
+    }, path)
+    return path
+
+
+def write_images(folder: Path, n: int, size: tuple[int, int] = (20, 24), ext: str = "png", seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)).save(folder / f"img{i}.{ext}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    return write_images(tmp_path_factory.mktemp("images"), 5)
+
+
+@pytest.fixture()
+def no_weights(tmp_path, monkeypatch) -> Path:
+    """An empty torch hub cache, so rFID and LPIPS are skipped as on a fresh machine."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+@pytest.mark.parametrize("n", [10, 200])  # rank-deficient and full-rank covariances
+def test_frechet_distance_matches_scipy_reference(n):
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(n, 32))
+    b = rng.normal(size=(n, 32)) @ rng.normal(scale=0.4, size=(32, 32)) + 0.3
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    reference = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(reference, rel=1e-6)
+    assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-6 * np.trace(s1)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(inception64):
+    images = metrics.round_8bit(smooth_images(6))  # 8-bit originals, as loaded from files
+    noise = torch.randn_like(images)
+    evaluator = ReconstructionEvaluator([0, 1, 2, 3], inception=inception64)
+    evaluator.update(images, {
+        0: images,
+        1: images + 0.4 / 255 * noise.sign(),  # below half an 8-bit step: rounding removes it
+        2: images + 0.05 * noise,
+        3: images + 0.2 * noise,
+    })
+    fid = {k: v["rfid"] for k, v in evaluator.compute().items()}
+    scale = fid[3]
+    assert abs(fid[0]) < 1e-6 * scale and fid[1] == fid[0]
+    assert 1e-4 * scale < fid[2] < fid[3]
+    fid_metric = evaluator.groups["0"]["rfid"]
+    assert isinstance(fid_metric, ReconstructionFID) and fid_metric.real_features_cov_sum.dtype == torch.float64
+
+
+def test_missing_weights_give_a_sentence_and_bad_files_an_error(tmp_path, no_weights):
+    net, note = metrics.load_inception()
+    assert net is None and str(no_weights) in note and metrics.INCEPTION_URL in note and "--inception-weights" in note
+    net, note = metrics.load_lpips()
+    assert net is None and metrics.VGG16_FILENAME in note and "--lpips-weights" in note
+    with pytest.raises(VistokError, match="do not exist"):
+        metrics.load_inception(tmp_path / "missing.pth")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"<html>not weights</html>")
+    with pytest.raises(VistokError, match="cannot be read"):
+        metrics.load_lpips(bad)
+
+
+def test_fid_inception_loads_from_a_file_and_resizes_the_tf1_way(tmp_path, monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    calls = []
+    original = tf_inception.interpolate_bilinear_2d_like_tensorflow1x
+
+    def spy(x, size=None, **kwargs):
+        calls.append((x.dtype, size, kwargs.get("align_corners")))
+        return original(x, size=size, **kwargs)
+
+    monkeypatch.setattr(tf_inception, "interpolate_bilinear_2d_like_tensorflow1x", spy)
+    # A weights file made here from a randomly initialised network of the same architecture.
+    random_net = FIDInceptionV3(None)
+    torch.save(random_net.state_dict(), tmp_path / "inception.pth")
+    loaded, note = metrics.load_inception(tmp_path / "inception.pth")
+    assert note is None and loaded.num_features == 2048
+    images = smooth_images(2)
+    features = loaded(images)
+    assert features.shape == (2, 2048) and torch.isfinite(features).all()
+    assert calls == [(torch.float32, (299, 299), False)]  # TF1 bilinear, no antialiasing
+    assert torch.equal(features, random_net(metrics.to_uint8(images)))
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.train().training
+
+
+def test_lpips_loads_its_vgg16_backbone_from_a_file(tmp_path):
+    from torchvision.models.vgg import cfgs, make_layers
+
+    # torchvision's VGG16 feature layers, randomly initialised, saved under the checkpoint's key names.
+    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, tmp_path / "vgg16.pth")
+    lpips_net, note = metrics.load_lpips(tmp_path / "vgg16.pth")
+    images = smooth_images(2)
+    same = lpips_net(images * 2 - 1, images * 2 - 1).flatten()
+    noisy = lpips_net(images * 2 - 1, (images + 0.2 * torch.randn_like(images)).clamp(0, 1) * 2 - 1).flatten()
+    assert note is None and torch.allclose(same, torch.zeros(2), atol=1e-6) and (noisy > 0).all()
+    metric = metrics.MeanLPIPS(lpips_net)
+    metric.update(images, images)
+    assert float(metric.compute()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_psnr_is_the_mean_of_per_image_psnr_after_8bit_rounding():
+    images = smooth_images(2)
+    recon = images.clone()
+    recon[1] = (recon[1] + 0.1 * torch.randn_like(recon[1])).clamp(0, 1)
+    per_image = psnr_per_image(recon, images)
+    assert per_image[0] == pytest.approx(100.0)  # identical: capped, not infinite
+    mse = ((metrics.round_8bit(recon[1]) - metrics.round_8bit(images[1])) ** 2).double().mean()
+    assert per_image[1] == pytest.approx(float(-10 * torch.log10(mse)), rel=1e-6)
+    metric = MeanPSNR()
+    metric.update(recon[:1], images[:1])
+    metric.update(recon[1:], images[1:])
+    assert float(metric.compute()) == pytest.approx(float(per_image.mean()))
+    pooled = -10 * math.log10(float(((recon - images) ** 2).mean()))
+    assert float(metric.compute()) != pytest.approx(pooled, rel=0.05)
+
+
+def test_bits_codebook_usage_and_perplexity():
+    assert bits_per_image(32, 4096) == pytest.approx(32 * 12)
+    assert bits_per_image(8, None, token_dim=12) == 8 * 12 * 16
+    usage = CodebookUsage(8)
+    usage.update(torch.tensor([[0, 1], [0, 1]]))
+    usage.update(torch.tensor([[2, 3]]))
+    values = usage.compute()
+    assert float(values["usage"]) == 0.5
+    probs = np.array([2, 2, 1, 1]) / 6
+    assert float(values["perplexity"]) == pytest.approx(math.exp(-(probs * np.log(probs)).sum()))
+
+
+def test_evaluator_saves_no_network_weights_and_reports_skipped_metrics(no_weights, inception64, tiny_tokenizer):
+    evaluator = ReconstructionEvaluator([2, 8], codebook_size=1000, token_dim=4, inception=inception64)
+    assert evaluator.state_dict() == {}  # a LightningModule holding it keeps its checkpoints small
+    images = smooth_images(3, size=16)
+    tokens = torch.randint(0, 1000, (3, 8))
+    evaluator.update(images, {2: images, 8: images}, indices=tokens)
+    results = evaluator.compute()
+    assert set(results) == {2, 8}
+    assert {"psnr", "ssim", "rfid", "usage", "perplexity", "bits_per_image"} <= set(results[8])
+    assert results[2]["usage"] <= results[8]["usage"] and results[8]["bits_per_image"] == pytest.approx(8 * math.log2(1000))
+    evaluator.reset()
+    assert math.isnan(evaluator.compute()[8]["psnr"])
+
+    skipped = ReconstructionEvaluator.for_tokenizer(tiny_tokenizer, [4])
+    assert len(skipped.notes) == 2 and all("skipped" in n for n in skipped.notes)
+    skipped.update(images, images.flip(0))  # one tensor: the evaluator's only token count
+    assert set(skipped.compute()[4]) == {"psnr", "ssim", "bits_per_image"}
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(rank)
+    evaluator = ReconstructionEvaluator([4], codebook_size=16)
+    for _ in range(2 if rank == 0 else 0):  # rank 1 sees no batch at all
+        images = torch.rand(2, 3, 16, 16)
+        evaluator.update(images, images, indices=torch.randint(0, 16, (2, 4)))
+    torch.save(evaluator.compute(), Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_compute_does_not_hang_when_ranks_saw_different_batches(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: the ranks inherit the imported modules instead of importing torch again
+    context = mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="fork")
+    for process in context.processes:
+        process.join(timeout=120)
+    assert all(p.exitcode == 0 for p in context.processes), "a rank hung or failed"
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0 == r1 and r0[4]["psnr"] == pytest.approx(100.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Codec baselines
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "webp"])
+def test_codec_psnr_high_at_quality_100_and_low_at_5(codec):
+    images = smooth_images(3)
+    high, high_bytes = baselines.codec_psnr(images, codec, 100)
+    low, low_bytes = baselines.codec_psnr(images, codec, 5)
+    assert high > 36 and low < 32 and high - low > 8
+    assert high_bytes > low_bytes
+
+
+def test_codec_at_bytes_picks_the_closest_file_size():
+    images = smooth_images(2)
+    targets = [300.0, 800.0, 1500.0]
+    matches = baselines.codec_at_bytes(images, "jpeg", targets)
+    for i, image in enumerate(images):
+        pil = baselines.tensor_to_pil(image)
+        sizes = {q: len(baselines.encode(pil, "jpeg", q)) for q in range(1, 101)}
+        for target, match in zip(targets, matches):
+            best = min(abs(s - target) for s in sizes.values())
+            assert abs(int(match.nbytes[i]) - target) <= best + 0.02 * target  # bisection, up to codec wiggles
+            assert int(match.nbytes[i]) == sizes[int(match.quality[i])]
+    assert all(torch.all(a.quality <= b.quality) for a, b in zip(matches, matches[1:]))
+
+
+def test_thumbnail_codec():
+    images = smooth_images(2, size=32)
+    assert baselines.thumbnail_size(32, 64, 24 * 8 * 16) == (8, 16)  # aspect kept
+    assert baselines.thumbnail_size(32, 32, 23) is None
+    assert baselines.thumbnail_psnr(images, 32 * 32 * 24) > 45  # full size: only 8-bit rounding
+    low, high = baselines.thumbnail_psnr(images, 24 * 16), baselines.thumbnail_psnr(images, 24 * 256)
+    assert low < high
+    flat = baselines.thumbnail_reconstruct(images, 10)
+    assert torch.all(flat == 0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Rate-distortion and adaptive length
+
+
+def test_token_counts_default_and_parsing():
+    assert default_token_counts(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert default_token_counts(32) == [1, 2, 4, 8, 16, 32]
+    assert parse_token_counts("16, 4,4", 32) == [4, 16]
+    for bad in ("0", "33", "4.5", "x", ""):
+        with pytest.raises(VistokError):
+            parse_token_counts(bad, 32)
+
+
+def test_decode_prefixes_matches_separate_decodes(tiny_tokenizer):
+    images = smooth_images(3, size=16)
+    with torch.no_grad():
+        tokens = tiny_tokenizer.encode(images)
+        stacked = decode_prefixes(tiny_tokenizer, tokens, [1, 3, 8], max_batch=4)
+        for k in (1, 3, 8):
+            assert torch.allclose(stacked[k], tiny_tokenizer.decode(tokens[:, :k]), atol=1e-5)
+
+
+def test_rate_distortion_rows_per_token_count_and_codec_quality():
+    tokenizer = DCTTokenizer(image_size=32, max_tokens=16)
+    batches = [smooth_images(3, seed=1), smooth_images(2, seed=2)]
+    result = rate_distortion(tokenizer, batches, [1, 2, 4, 8, 16], codecs=("jpeg", "webp"), num_examples=4)
+    assert result.num_images == 5 and len(result.rows) == 3 * 5
+    for method in ("tokenizer", "jpeg", "webp"):
+        rows = [r for r in result.rows if r["method"] == method]
+        assert [r["num_tokens"] for r in rows] == [1, 2, 4, 8, 16]
+        psnr = [r["psnr"] for r in rows]
+        assert psnr[-1] > psnr[0]
+        if method != "tokenizer":  # bytes grow with the quality chosen to match more bits
+            by_quality = sorted(rows, key=lambda r: r["quality"])
+            sizes = [r["bytes_per_image"] for r in by_quality]
+            assert sizes == sorted(sizes) and sizes[-1] > sizes[0]
+            assert by_quality[-1]["quality"] > by_quality[0]["quality"]
+    ours = [r for r in result.rows if r["method"] == "tokenizer"]
+    assert ours[-1]["psnr"] == pytest.approx(100.0, abs=1.0)  # all coefficients: lossless up to rounding
+    assert ours[0]["bits_per_image"] == 192 * 16
+    assert result.examples["original"].shape == (4, 3, 32, 32) and result.examples[16].shape == (4, 3, 32, 32)
+
+
+def test_rate_distortion_of_a_discrete_tokenizer_reports_usage_and_rfid(tiny_tokenizer, inception64):
+    result = rate_distortion(tiny_tokenizer, [smooth_images(2, size=16), smooth_images(2, size=16, seed=3)],
+                             [2, 8], inception=inception64, codecs=("webp",), target_psnr=5.0)
+    ours = {r["num_tokens"]: r for r in result.rows if r["method"] == "tokenizer"}
+    assert 0 < ours[2]["usage"] <= ours[8]["usage"] <= 1 and ours[8]["perplexity"] >= 1
+    assert ours[8]["rfid"] is not None and ours[8]["rfid"] >= 0
+    assert ours[8]["bits_per_image"] == pytest.approx(8 * math.log2(1000))
+    assert result.adaptive["num_images"] == 4 and sum(result.adaptive["histogram"].values()) == 4
+
+
+def test_target_psnr_picks_fewer_tokens_for_a_flat_image_than_a_noisy_one():
+    tokenizer = DCTTokenizer(image_size=32, max_tokens=16)
+    flat = torch.full((1, 3, 32, 32), 0.4)
+    noisy = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    images = torch.cat([flat, smooth_images(1), noisy])
+    lengths, psnr = choose_lengths(tokenizer, images, target_psnr=30.0)
+    assert lengths[0] == 1 and lengths[0] < lengths[1] < lengths[2]
+    # the binary search agrees with trying every prefix
+    all_k = torch.stack([psnr_per_image(tokenizer.decode(tokenizer.encode(images, k)), images) for k in range(1, 17)])
+    expected = [next((k + 1 for k in range(16) if all_k[k, i] >= 30.0), 16) for i in range(3)]
+    assert lengths.tolist() == expected
+    assert torch.all((psnr >= 30.0) | (lengths == 16))
+    summary, per_image = adaptive_lengths(tokenizer, [images[:2], images[2:]], 30.0)
+    assert torch.equal(per_image, lengths) and summary["histogram"][1] == 1
+    assert summary["mean_bits_per_image"] == pytest.approx(float(lengths.double().mean()) * tokenizer.token_dim * 16)
+
+
+# --------------------------------------------------------------------------------------------
+# vistok score
+
+
+def test_score_writes_report_csv_and_plots(tiny_ckpt, image_folder, tmp_path, no_weights, capsys):
+    out = tmp_path / "out"
+    code = vistok_cli.main(["score", str(tiny_ckpt), str(image_folder), "--num-tokens", "2,8", "--limit", "4",
+                            "--batch-size", "3", "--target-psnr", "8", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["num_images"] == 4 and report["token_counts"] == [2, 8]
+    assert [(r["method"], r["num_tokens"]) for r in report["rows"]] == [
+        (m, k) for m in ("tokenizer", "jpeg", "webp") for k in (2, 8)]
+    assert report["adaptive"]["num_images"] == 4
+    assert any("rFID skipped" in n for n in report["notes"]) and any("LPIPS skipped" in n for n in report["notes"])
+    csv_lines = (out / "rate_distortion.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("method,num_tokens") and len(csv_lines) == 7
+    for name in ("rate_distortion.png", "reconstructions.png"):
+        assert Image.open(out / name).format == "PNG"
+    assert "tokenizer" in printed and "rFID skipped" in printed and "target PSNR 8 dB" in printed
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_score_reference_and_reconstruction_folders(tmp_path, no_weights, capsys):
+    reference = write_images(tmp_path / "ref", 4, size=(24, 20))
+    recon = tmp_path / "rec" / "sub"
+    recon.mkdir(parents=True)
+    (tmp_path / "ref" / "sub").mkdir()
+    Image.fromarray(np.zeros((24, 20, 3), np.uint8)).save(tmp_path / "ref" / "sub" / "nested.png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(recon / "nested.jpg")  # smaller: reference resized
+    for path in reference.glob("*.png"):  # same names, other format: JPEG at quality 90
+        Image.open(path).save(tmp_path / "rec" / f"{path.stem}.jpg", quality=90)
+    out = tmp_path / "out"
+    code = vistok_cli.main(["score", "--reference", str(reference), "--reconstructions", str(tmp_path / "rec"),
+                            "--out", str(out), "--batch-size", "2"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    row = report["rows"][0]
+    assert report["num_images"] == 5 and row["psnr"] > 20 and 0 < row["ssim"] <= 1
+    assert "psnr" in capsys.readouterr().out
+
+
+def _bad_inputs(tmp: Path, ckpt: Path, images: Path) -> dict[str, tuple[list[str], str]]:
+    empty = tmp / "empty"
+    empty.mkdir()
+    odd = write_images(tmp / "odd", 2, size=(20, 24))
+    ref = write_images(tmp / "ref", 5)
+    rec = write_images(tmp / "rec", 3)
+    (rec / "img2.png").rename(rec / "other.png")
+    t, d = str(ckpt), str(images)
+    return {
+        "missing tokenizer": (["score", str(tmp / "nope.ckpt"), d], "does not exist"),
+        "missing data": (["score", t, str(tmp / "nope")], "does not exist"),
+        "folder without images": (["score", t, str(empty)], "holds no images"),
+        "too many tokens": (["score", t, d, "--num-tokens", "4,9"], "outside 1..8"),
+        "zero tokens": (["score", t, d, "--num-tokens", "0"], "outside 1..8"),
+        "non-integer tokens": (["score", t, d, "--num-tokens", "4.5"], "whole numbers"),
+        "wrong size without resizing": (["score", t, str(odd), "--no-resize"], "is 24x20 but the tokenizer takes 16x16"),
+        "unmatched names": (["score", "--reference", str(ref), "--reconstructions", str(rec)], "img2, img3, img4"),
+        "missing inception weights": (["score", t, d, "--inception-weights", str(tmp / "w.pth")], "do not exist"),
+        "bad batch size": (["score", t, d, "--batch-size", "0"], "positive whole number"),
+        "one folder only": (["score", "--reference", str(ref)], "go together"),
+        "no arguments": (["score"], "pass a TOKENIZER"),
+    }
+
+
+def test_every_bad_input_gets_one_sentence_and_status_2(tmp_path, tiny_ckpt, image_folder, no_weights, capsys):
+    cases = _bad_inputs(tmp_path, tiny_ckpt, image_folder)
+    if not torch.cuda.is_available():
+        cases["cuda without CUDA"] = (["score", str(tiny_ckpt), str(image_folder), "--device", "cuda"], "no CUDA device")
+    for label, (argv, expected) in cases.items():
+        code = vistok_cli.main(argv + ["--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, label
+        assert len(err) == 1 and err[0].startswith("vistok score: error: "), (label, err)
+        assert expected in err[0], (label, err[0])
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_in_a_subprocess_has_no_traceback(tmp_path, tiny_ckpt, image_folder):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "vistok_cli", "score", str(tiny_ckpt), str(image_folder),
+                             "--num-tokens", "64"], capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "vistok score: error: token count 64 is outside 1..8, the range this tokenizer decodes; choose counts from 1 to 8."]
+
+
+def test_png_roundtrip_helpers_are_exact():
+    images = metrics.round_8bit(smooth_images(1))[0]
+    buffer = io.BytesIO()
+    baselines.tensor_to_pil(images).save(buffer, format="PNG")
+    assert torch.equal(baselines.decode(buffer.getvalue()), images)

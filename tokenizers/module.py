@@ -1,0 +1,472 @@
+"""The Lightning side of training: one module for every tokenizer (1D or 2D, any quantizer).
+
+:class:`TokenizerModule` wraps an :class:`~tokenizers.model.ImageTokenizer` built from a plain
+config (``build_tokenizer(**tokenizer)``) and trains it with
+
+- reconstruction loss (L1 and/or L2) + the quantizer's auxiliary loss + optional LPIPS;
+- an optional adversarial loss (VQGAN: patch discriminator, hinge, adaptive weight, start step,
+  optional LeCAM) with a second optimizer;
+- AdamW with linear warm-up then cosine decay, gradient clipping, optional ``torch.compile``;
+- an exponential moving average of the weights (timm's ``ModelEmaV3``), used for validation and
+  saved as ``checkpoint["ema_state_dict"]`` for export;
+- validation at several token counts (PSNR, SSIM, codebook usage and perplexity through eval's
+  :class:`~eval.metrics.ReconstructionEvaluator`) and a reconstruction grid;
+- a stop with the step and the loss terms when a loss or the gradient norm turns NaN/inf,
+  before any checkpoint of the broken weights is written.
+
+Steps. Optimization is manual. Lightning counts ``global_step`` once per
+``LightningOptimizer.step()``, so only the generator steps through its LightningOptimizer; the
+discriminator steps through the strategy directly (same precision/strategy handling, not
+counted). ``global_step``, ``trainer.max_steps``, the schedules, ``adversarial.start`` and the
+checkpoint step all count generator steps.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from timm.utils import ModelEmaV3
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.aggregation import SumMetric
+
+from eval.metrics import ReconstructionEvaluator
+from tokenizers.errors import VistokError
+from tokenizers.losses import (
+    LeCAM,
+    PatchDiscriminator,
+    PerceptualLoss,
+    adaptive_generator_weight,
+    decoder_last_layer,
+    hinge_d_loss,
+    hinge_g_loss,
+)
+from tokenizers.model import ImageTokenizer, build_tokenizer
+
+try:
+    VISTOK_VERSION = version("vistok")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    VISTOK_VERSION = "unknown"
+
+EMA_PREFIX = "ema.module."
+PERCEPTUAL_PREFIX = "perceptual."
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: plain dataclasses, so a typo in a config is an error rather than a silent default
+
+
+@dataclass
+class PerceptualSettings:
+    weight: float = 0.0  # 0 turns LPIPS off (and its weights are then not needed)
+    weights_path: str | None = None  # torchvision vgg16-397923af.pth; None: the torch hub cache
+
+
+@dataclass
+class AdversarialSettings:
+    weight: float = 0.0  # 0 turns the discriminator off
+    start: int = 0  # generator steps before the discriminator and the generator's GAN term start
+    adaptive: bool = True  # VQGAN's gradient-norm balance at the decoder's last layer
+    max_adaptive_weight: float = 1e4
+    channels: int = 64
+    num_layers: int = 3
+    norm: str = "batch"
+    lecam_weight: float = 0.0  # 0 turns LeCAM off
+    lecam_decay: float = 0.999
+    lr: float | None = None  # None: the generator's lr
+
+
+@dataclass
+class LossSettings:
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    quantizer_weight: float = 1.0
+    perceptual: PerceptualSettings = field(default_factory=PerceptualSettings)
+    adversarial: AdversarialSettings = field(default_factory=AdversarialSettings)
+
+
+@dataclass
+class OptimSettings:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 1e-4  # on matrices and kernels only (not biases, norms, mask tokens)
+    eps: float = 1e-8
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio at trainer.max_steps
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+
+
+@dataclass
+class EMASettings:
+    enabled: bool = True
+    decay: float = 0.999
+    use_warmup: bool = True  # decay ramps up as 1 - (1 + step)^-warmup_power (timm ModelEmaV3)
+    warmup_power: float = 2 / 3
+
+
+@dataclass
+class ValidationSettings:
+    token_counts: list[int] | None = None  # None: K/8, K/4, K/2, K
+    grid_images: int = 8  # originals shown in the reconstruction grid (0 = no grid)
+
+
+def parse_settings(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing keys it does not have (one sentence)."""
+    values = dict(values or {})
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        listed = ", ".join(f"{where}.{name}" for name in unknown)
+        raise VistokError(f"unknown setting(s) {listed}; the settings of {where} are {', '.join(sorted(names))}.")
+    nested = {f.name: f.default_factory for f in fields(cls) if callable(f.default_factory) and hasattr(f.default_factory, "__dataclass_fields__")}
+    for name, sub in nested.items():
+        if name in values and not isinstance(values[name], sub):
+            values[name] = parse_settings(sub, values[name], f"{where}.{name}")
+    return cls(**values)
+
+
+def check_ranges(loss: LossSettings, optim: OptimSettings, ema: EMASettings) -> None:
+    """Refuse values no run can use (negative weights, a decay of 1, text for a number) in one sentence."""
+    adversarial = loss.adversarial
+    rules = [
+        ("loss.l1_weight", loss.l1_weight, lambda v: v >= 0, ">= 0"),
+        ("loss.l2_weight", loss.l2_weight, lambda v: v >= 0, ">= 0"),
+        ("loss.quantizer_weight", loss.quantizer_weight, lambda v: v >= 0, ">= 0"),
+        ("loss.perceptual.weight", loss.perceptual.weight, lambda v: v >= 0, ">= 0"),
+        ("loss.adversarial.weight", adversarial.weight, lambda v: v >= 0, ">= 0"),
+        ("loss.adversarial.start", adversarial.start, lambda v: v >= 0, ">= 0"),
+        ("loss.adversarial.lecam_weight", adversarial.lecam_weight, lambda v: v >= 0, ">= 0"),
+        ("loss.adversarial.lecam_decay", adversarial.lecam_decay, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("optim.lr", optim.lr, lambda v: v > 0, "> 0"),
+        ("optim.weight_decay", optim.weight_decay, lambda v: v >= 0, ">= 0"),
+        ("optim.warmup_steps", optim.warmup_steps, lambda v: v >= 0, ">= 0"),
+        ("optim.min_lr_ratio", optim.min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("optim.grad_clip", optim.grad_clip, lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+        ("optim.betas", optim.betas, lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+        ("ema.decay", ema.decay, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ]
+    for name, value, rule, expected in rules:
+        try:
+            ok = not isinstance(value, (bool, str)) and rule(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise VistokError(f"{name} is {value!r} but must be {expected}; fix that setting.")
+
+
+def default_token_counts(max_tokens: int) -> list[int]:
+    """K/8, K/4, K/2, K (those >= 1, without repeats)."""
+    return sorted({max(1, max_tokens // d) for d in (8, 4, 2, 1)})
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float):
+    """LR multiplier per step: linear warm-up to 1, then cosine down to ``min_ratio`` at max_steps."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss term or the gradient norm became NaN or infinite; the message names the step and terms."""
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class TokenizerModule(pl.LightningModule):
+    """Train an :class:`ImageTokenizer`.
+
+    Args:
+        tokenizer: ``build_tokenizer`` kwargs (plain mapping, quantizer included).
+        loss, optim, ema, validation: mappings of :class:`LossSettings`, :class:`OptimSettings`,
+            :class:`EMASettings`, :class:`ValidationSettings` (unknown keys are an error).
+        compile: ``torch.compile`` the tokenizer's training forward.
+
+    Batches are ``{"image": (B, 3, H, W) float in [0, 1]}``.
+    """
+
+    def __init__(self, tokenizer: Mapping[str, Any], loss: Mapping[str, Any] | None = None,
+                 optim: Mapping[str, Any] | None = None, ema: Mapping[str, Any] | None = None,
+                 validation: Mapping[str, Any] | None = None, compile: bool = False) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.loss_settings: LossSettings = parse_settings(LossSettings, loss, "loss")
+        self.optim_settings: OptimSettings = parse_settings(OptimSettings, optim, "optim")
+        self.ema_settings: EMASettings = parse_settings(EMASettings, ema, "ema")
+        self.val_settings: ValidationSettings = parse_settings(ValidationSettings, validation, "validation")
+        check_ranges(self.loss_settings, self.optim_settings, self.ema_settings)
+        self.tokenizer: ImageTokenizer = build_tokenizer(**dict(tokenizer))
+        self.val_token_counts = self._check_token_counts(self.val_settings.token_counts)
+        # Plain dicts only: the checkpoint must load with torch.load(weights_only=True).
+        self.save_hyperparameters({
+            "tokenizer": self.tokenizer.config,
+            "loss": asdict(self.loss_settings),
+            "optim": asdict(self.optim_settings),
+            "ema": asdict(self.ema_settings),
+            "validation": asdict(self.val_settings),
+            "compile": bool(compile),
+        })
+
+        adversarial = self.loss_settings.adversarial
+        perceptual = self.loss_settings.perceptual
+        self.perceptual = PerceptualLoss(perceptual.weights_path) if perceptual.weight > 0 else None
+        self.discriminator = None
+        self.lecam = None
+        if adversarial.weight > 0:
+            self.discriminator = PatchDiscriminator(adversarial.channels, adversarial.num_layers, adversarial.norm,
+                                                    self.tokenizer.image_size)
+            if adversarial.lecam_weight > 0:
+                self.lecam = LeCAM(adversarial.lecam_decay)
+
+        # The EMA copy is taken before compiling, so it holds a plain module. Buffers (e.g. an EMA
+        # VQ codebook, itself a moving average) are copied rather than averaged.
+        self.ema = None
+        if self.ema_settings.enabled:
+            self.ema = ModelEmaV3(self.tokenizer, decay=self.ema_settings.decay, use_warmup=self.ema_settings.use_warmup,
+                                  warmup_power=self.ema_settings.warmup_power, exclude_buffers=True)
+            self.ema.requires_grad_(False)
+            # it only ever runs under validation's eval(); leaving timm's eval() here would make
+            # Lightning warn about modules in eval mode at the start of training
+            self.ema.train()
+        if compile:
+            self.tokenizer.compile()
+
+        self.evaluator = ReconstructionEvaluator(self.val_token_counts, codebook_size=self.tokenizer.codebook_size,
+                                                 token_dim=self.tokenizer.token_dim)
+        self.val_images = SumMetric()  # validation images seen, summed over ranks
+        self.last_val_metrics: dict[str, float] = {}
+        self.latest_grid: torch.Tensor | None = None  # (3, H', W') in [0, 1], set by validation
+
+        # Names of the tracked loss terms, fixed so a NaN record has one shape from the first step.
+        self.term_names = ["total", "l1", "l2", "quantizer"]
+        if self.perceptual is not None:
+            self.term_names.append("perceptual")
+        if self.discriminator is not None:
+            self.term_names += ["generator", "adaptive_weight", "discriminator"]
+        self.term_names.append("grad_norm")
+        self._healthy: torch.Tensor | None = None  # device bool: every step so far was finite
+        self._bad_step: torch.Tensor | None = None
+        self._bad_values: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_token_counts(self, counts: list[int] | None) -> list[int]:
+        k_max = self.tokenizer.max_tokens
+        if counts is None:
+            return default_token_counts(k_max)
+        if not counts:
+            raise VistokError("validation.token_counts is empty; list at least one token count, or set it to null for K/8, K/4, K/2, K.")
+        bad = [k for k in counts if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= k_max]
+        if bad:
+            raise VistokError(f"validation.token_counts has {bad[0]!r}, but this model has {k_max} tokens per image; use token counts from 1 to {k_max}.")
+        return sorted(set(counts))
+
+    @property
+    def eval_model(self) -> ImageTokenizer:
+        """The weights validation and export use: the EMA copy when enabled."""
+        return self.ema.module if self.ema is not None else self.tokenizer
+
+    def configure_optimizers(self):
+        settings = self.optim_settings
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if max_steps is None or max_steps < 1:
+            raise VistokError(f"trainer.max_steps is {max_steps}, but the cosine schedule needs the number of steps; set trainer.max_steps to a positive number.")
+        decay = [p for p in self.tokenizer.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.tokenizer.parameters() if p.requires_grad and p.ndim < 2]
+        schedule = warmup_cosine(settings.warmup_steps, max_steps, settings.min_lr_ratio)
+        # the fused kernel is one op for all tensors instead of ~10 per tensor (CPU and CUDA)
+        fused = self.device.type in ("cpu", "cuda")
+        generator = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps, fused=fused)
+        if self.discriminator is None:
+            return [generator], [LambdaLR(generator, schedule)]
+        disc_lr = self.loss_settings.adversarial.lr or settings.lr
+        discriminator = torch.optim.AdamW(self.discriminator.parameters(), lr=disc_lr, betas=tuple(settings.betas),
+                                          eps=settings.eps, weight_decay=settings.weight_decay, fused=fused)
+        return [generator, discriminator], [LambdaLR(generator, schedule), LambdaLR(discriminator, schedule)]
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
+        opt_g, opt_d = (optimizers, None) if not isinstance(optimizers, list) else optimizers
+        sched_g, sched_d = (schedulers, None) if not isinstance(schedulers, list) else schedulers
+        settings = self.loss_settings
+        adversarial = self.discriminator is not None and self.global_step >= settings.adversarial.start
+
+        out = self.tokenizer(images)  # training mode: lengths from the tail-token dropout, if any
+        recon = out.reconstruction
+        zero = recon.new_zeros(()).float()
+        terms = dict.fromkeys(self.term_names, zero)
+        terms["l1"] = F.l1_loss(recon.float(), images) if settings.l1_weight > 0 else zero
+        terms["l2"] = F.mse_loss(recon.float(), images) if settings.l2_weight > 0 else zero
+        terms["quantizer"] = out.quantizer.loss.float()
+        nll = settings.l1_weight * terms["l1"] + settings.l2_weight * terms["l2"] + settings.quantizer_weight * terms["quantizer"]
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(recon, images).mean().float()
+            nll = nll + settings.perceptual.weight * terms["perceptual"]
+        total = nll
+
+        if adversarial:
+            self.toggle_optimizer(opt_g)  # the discriminator is a fixed critic for this step
+            terms["generator"] = hinge_g_loss(self.discriminator(recon)).float()
+            if settings.adversarial.adaptive:
+                last_layer = decoder_last_layer(self.tokenizer.decoder)
+                terms["adaptive_weight"] = adaptive_generator_weight(nll, terms["generator"], last_layer,
+                                                                     settings.adversarial.max_adaptive_weight)
+            else:
+                terms["adaptive_weight"] = torch.ones_like(zero)
+            total = nll + settings.adversarial.weight * terms["adaptive_weight"] * terms["generator"]
+        terms["total"] = total
+
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        terms["grad_norm"] = self._clip(self.tokenizer.parameters())
+        opt_g.step()  # the one counted step: global_step += 1
+        sched_g.step()
+        if adversarial:
+            self.untoggle_optimizer(opt_g)
+        if self.ema is not None:
+            self.ema.update(self.tokenizer, step=self.global_step)
+
+        if opt_d is not None:
+            if adversarial:
+                terms["discriminator"] = self._discriminator_step(opt_d, images, recon.detach())
+            with warnings.catch_warnings():
+                # stepped before the discriminator starts on purpose: its schedule is indexed by
+                # generator steps, like the generator's (torch warns about the order once)
+                warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning)
+                sched_d.step()
+
+        self._track_finite(terms)
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.check_finite()  # the host sync rides on the logging interval
+        self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()})
+        self.log_dict({f"train/quantizer_{name}": value for name, value in out.quantizer.stats.items()})
+        self.log("train/mean_tokens", out.lengths.float().mean())
+        return total.detach()
+
+    def _clip(self, parameters) -> torch.Tensor:
+        """Clip to ``optim.grad_clip`` (0: no clipping); returns the global norm before clipping."""
+        limit = self.optim_settings.grad_clip if self.optim_settings.grad_clip > 0 else float("inf")
+        grads = [p for p in parameters if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(grads, limit).float()
+
+    def _discriminator_step(self, opt_d, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        logits_real = self.discriminator(images)
+        logits_fake = self.discriminator(recon)
+        loss = hinge_d_loss(logits_real, logits_fake)
+        if self.lecam is not None:
+            loss = loss + self.loss_settings.adversarial.lecam_weight * self.lecam(logits_real, logits_fake)
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self._clip(self.discriminator.parameters())
+        # Through the strategy (precision plugin, hooks) but not LightningOptimizer.step, which
+        # would count a second global step per batch.
+        self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None, model=self)
+        return loss.detach().float()
+
+    # ------------------------------------------------------------------ NaN / inf guard
+
+    def _track_finite(self, terms: Mapping[str, torch.Tensor]) -> None:
+        """Record, on the device (no host sync), the first step whose terms were not all finite."""
+        values = torch.stack([terms[name].detach().float().reshape(()) for name in self.term_names])
+        finite = torch.isfinite(values).all()
+        step = torch.tensor(self.global_step, device=values.device)
+        if self._healthy is None:
+            self._healthy = torch.ones((), dtype=torch.bool, device=values.device)
+            self._bad_step = torch.zeros((), dtype=torch.long, device=values.device)
+            self._bad_values = torch.zeros_like(values)
+        newly_bad = self._healthy & ~finite
+        self._bad_step = torch.where(newly_bad, step, self._bad_step)
+        self._bad_values = torch.where(newly_bad, values, self._bad_values)
+        self._healthy = self._healthy & finite
+
+    def check_finite(self) -> None:
+        """Raise :class:`TrainingDiverged` if any step so far had a NaN/inf loss term or gradient norm."""
+        if self._healthy is None or bool(self._healthy):
+            return
+        values = ", ".join(f"{name}={value:.4g}" for name, value in zip(self.term_names, self._bad_values.tolist()))
+        raise TrainingDiverged(
+            f"training stopped: a loss became NaN or infinite at step {int(self._bad_step)} ({values}); "
+            "lower optim.lr or raise optim.warmup_steps, and check the data"
+        )
+
+    # ------------------------------------------------------------------ validation
+
+    def on_validation_epoch_start(self) -> None:
+        self.check_finite()
+        self.evaluator.reset()
+        self.val_images.reset()
+        self._grid_rows: list[torch.Tensor] | None = None
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        images = batch["image"]
+        model = self.eval_model
+        tokens = model.encode(images)
+        recon = {k: model.decode(tokens[:, :k]) for k in self.val_token_counts}
+        self.evaluator.update(images, recon, indices=tokens if model.is_discrete else None)
+        self.val_images.update(images.shape[0])
+        if self._grid_rows is None and self.val_settings.grid_images > 0:
+            n = self.val_settings.grid_images
+            self._grid_rows = [images[:n].float().cpu()] + [recon[k][:n].float().cpu() for k in self.val_token_counts]
+
+    def on_validation_epoch_end(self) -> None:
+        results = self.evaluator.compute()  # all-reduced across ranks
+        self.evaluator.reset()
+        k_max = self.val_token_counts[-1]
+        metrics: dict[str, float] = {"val/images": float(self.val_images.compute())}
+        for k, values in results.items():
+            metrics[f"val/psnr@{k}"] = values["psnr"]
+            metrics[f"val/ssim@{k}"] = values["ssim"]
+        metrics["val/psnr"] = results[k_max]["psnr"]
+        metrics["val/ssim"] = results[k_max]["ssim"]
+        for name in ("usage", "perplexity"):
+            if name in results[k_max]:
+                metrics[f"val/{name}"] = results[k_max][name]
+        self.log_dict(metrics, sync_dist=True)  # equal on every rank already; says so to Lightning
+        if self.trainer.sanity_checking:
+            return
+        self.last_val_metrics = metrics
+        if self._grid_rows is not None:
+            from torchvision.utils import make_grid
+
+            rows = self._grid_rows
+            self.latest_grid = make_grid(torch.cat(rows), nrow=rows[0].shape[0], padding=1, pad_value=1.0)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()  # never write a checkpoint of diverged weights
+        state = checkpoint["state_dict"]
+        ema_state = {key[len(EMA_PREFIX):]: state.pop(key) for key in list(state) if key.startswith(EMA_PREFIX)}
+        for key in [key for key in state if key.startswith(PERCEPTUAL_PREFIX)]:
+            del state[key]  # frozen LPIPS weights come from their own file
+        if not ema_state:  # EMA off: the model is its own average, so export finds the same keys
+            ema_state = {key[len("tokenizer."):]: value for key, value in state.items() if key.startswith("tokenizer.")}
+        checkpoint["ema_state_dict"] = ema_state
+        checkpoint["vistok"] = {"metrics": dict(self.last_val_metrics), "step": int(self.global_step),
+                                "version": VISTOK_VERSION}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        if self.ema is not None:
+            source = checkpoint.get("ema_state_dict") or {
+                key[len("tokenizer."):]: value for key, value in state.items() if key.startswith("tokenizer.")}
+            state.update({EMA_PREFIX + key: value for key, value in source.items()})
+        if self.perceptual is not None:
+            state.update({PERCEPTUAL_PREFIX + key: value for key, value in self.perceptual.state_dict().items()})
+        self.last_val_metrics = dict(checkpoint.get("vistok", {}).get("metrics", {}))

@@ -1,0 +1,331 @@
+"""Run one training from a composed config: what ``python train.py`` does after Hydra.
+
+:func:`run_training` checks the whole configuration (model, quantizer, data, trainer, logger,
+callbacks, resume) before the first step, so a mistake costs one sentence and no compute; then
+fits, and returns where the results are. The config is the Hydra one described in
+``configs/train.yaml``; tests compose it with Hydra's compose API and call this directly.
+
+Run directory layout (``run_dir``)::
+
+    config.yaml               the resolved configuration
+    checkpoints/last.ckpt     newest state (optimizer, schedules, EMA, step, quantizer buffers)
+    checkpoints/best-*.ckpt   best validation PSNR at the full token count
+    hpc_ckpt_*.ckpt           written by Lightning on SLURM preemption (SIGUSR1)
+    metrics.json              latest validation metrics
+    grids/step-*.png          reconstructions: originals, then each validated token count
+    logs/version_N/metrics.csv  the CSV logger's history (logger=csv; one version per resume); wandb/ for wandb
+    train.log                 Hydra's log of the run
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from tokenizers.callbacks import AtomicCheckpointIO, RankConsistencyCheck, RunArtifacts, write_json
+from tokenizers.errors import VistokError
+from tokenizers.module import TokenizerModule
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Config groups a user picks on the command line (``quantizer=vq``).
+GROUPS = ("model", "quantizer", "data", "trainer", "logger", "callbacks", "experiment")
+# Top-level keys of configs/train.yaml and what reads them; anything else is refused.
+TOP_LEVEL = {"name", "seed", "run_dir", "resume", "compile", "loss", "optim", "ema", "validation", *GROUPS} - {"experiment"}
+SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed", "bf16-true", "64-true")
+
+
+def wandb_offline() -> bool:
+    """True unless the user chose online mode or is logged in (WANDB_API_KEY or ``wandb login``).
+
+    Read by ``configs/logger/wandb.yaml`` through the ``vistok_wandb_offline`` resolver, so the
+    mode is fixed before the process's first ``wandb.init``.
+    """
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "dryrun", "disabled"):
+        return True
+    if mode == "online" or os.environ.get("WANDB_API_KEY"):
+        return False
+    try:
+        import netrc
+
+        return netrc.netrc().authenticators("api.wandb.ai") is None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return True
+
+
+OmegaConf.register_new_resolver("vistok_wandb_offline", wandb_offline, replace=True)
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run left its results."""
+
+    run_dir: Path
+    step: int
+    metrics: dict[str, float]
+    checkpoint: Path | None
+    grid: Path | None
+    token_counts: list[int]
+    seconds: float
+    table: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces built from the config (each raises VistokError naming the setting)
+
+
+def plain(node: Any) -> Any:
+    """OmegaConf node -> plain Python containers (resolved); anything else as it is."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def tokenizer_config(cfg: DictConfig) -> dict[str, Any]:
+    """``build_tokenizer`` kwargs: the model group plus the quantizer group."""
+    return {**plain(cfg.model), "quantizer": plain(cfg.quantizer)}
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Every ``*.ckpt`` under ``run_dir``, newest first (temporary files of a write in progress excluded)."""
+    found = [p for p in run_dir.rglob("*.ckpt") if p.is_file() and not p.name.startswith(".")]
+    # last.ckpt is written right after best-*.ckpt at the same step: break mtime ties towards it
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
+
+
+def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from: None, ``"auto"`` (newest in run_dir, if any) or a path."""
+    existing = list_checkpoints(run_dir) if run_dir.is_dir() else []
+    if resume is None:
+        if existing:
+            raise VistokError(
+                f"the run directory {run_dir} already holds checkpoints ({existing[0].name}); "
+                "continue that run with resume=auto, or start a new one with another run_dir."
+            )
+        return None
+    if resume == "auto":
+        return existing[0] if existing else None
+    path = Path(str(resume)).expanduser()
+    if not path.is_file():
+        raise VistokError(f"resume={resume} is neither 'auto' nor an existing checkpoint file; pass resume=auto or the path of a .ckpt.")
+    return path
+
+
+def build_module(cfg: DictConfig) -> TokenizerModule:
+    return TokenizerModule(tokenizer=tokenizer_config(cfg), loss=plain(cfg.loss), optim=plain(cfg.optim),
+                           ema=plain(cfg.ema), validation=plain(cfg.validation), compile=bool(cfg.compile))
+
+
+def build_datamodule(cfg: DictConfig, module: TokenizerModule) -> pl.LightningDataModule:
+    datamodule = _instantiate(cfg.data, "data")
+    tokenizer = module.tokenizer
+    size = getattr(datamodule, "image_size", None)
+    if size is not None and size != tokenizer.image_size:
+        raise VistokError(
+            f"data.image_size is {size} but model.image_size is {tokenizer.image_size}; "
+            "set both to the same resolution (data.image_size follows model.image_size unless overridden)."
+        )
+    validate = getattr(datamodule, "validate", None)
+    if callable(validate):
+        validate(multiple_of=tokenizer.patch_size)
+    return datamodule
+
+
+def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
+    node = cfg.get("logger")
+    if not node:  # logger=none
+        return False
+    overrides: dict[str, Any] = {"save_dir": str(run_dir)}
+    if str(node.get("_target_", "")).endswith("WandbLogger") and node.get("id") is None:
+        # one wandb run per run directory, so a resumed run continues the same wandb run
+        overrides["id"] = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    return _instantiate(node, "logger", **overrides)
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, validates: bool = True,
+                    logs: bool = True) -> tuple[list[pl.Callback], RunArtifacts]:
+    """The configured callbacks plus vistok's own.
+
+    ``validates=False`` (no validation data): checkpoints every ``trainer.val_check_interval``
+    steps without a best one. ``logs=False`` (logger=none): no learning-rate monitor, which
+    needs a logger to write to.
+    """
+    callbacks: list[pl.Callback] = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:  # callbacks.lr_monitor=null switches one off
+            continue
+        if not logs and str(node.get("_target_", "")).endswith("LearningRateMonitor"):
+            continue
+        extra: dict[str, Any] = {}
+        if str(node.get("_target_", "")).endswith("ModelCheckpoint"):
+            extra["dirpath"] = str(run_dir / "checkpoints")
+            if not validates:
+                log.warning("no validation data (data.val_urls is null): no best checkpoint, only last.ckpt")
+                interval = cfg.trainer.get("val_check_interval")
+                extra.update(monitor=None, save_top_k=0, every_n_train_steps=interval if isinstance(interval, int) else None)
+        callbacks.append(_instantiate(node, f"callbacks.{name}", **extra))
+    artifacts = RunArtifacts(run_dir)
+    return callbacks + [artifacts, RankConsistencyCheck(run_dir)], artifacts
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, logger: Any, callbacks: list[pl.Callback]) -> pl.Trainer:
+    settings = dict(plain(cfg.trainer))
+    precision = str(settings.get("precision", "32-true"))
+    if precision not in SUPPORTED_PRECISION:
+        raise VistokError(
+            f"trainer.precision={precision} is not supported (float16 needs loss scaling, which the manual "
+            f"optimization here does not do); use bf16-mixed on GPUs or 32-true."
+        )
+    max_steps = settings.get("max_steps")
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise VistokError(f"trainer.max_steps is {max_steps!r}, but the schedule needs the number of steps; set trainer.max_steps to a positive number.")
+    for reserved in ("default_root_dir", "logger", "callbacks", "plugins", "gradient_clip_val"):
+        if reserved in settings:
+            where = "optim.grad_clip" if reserved == "gradient_clip_val" else "the run directory and the logger/callbacks groups"
+            raise VistokError(f"trainer.{reserved} is set by vistok from {where}; remove it from the trainer config.")
+    try:
+        # SLURM (issue 7): SLURMEnvironment(auto_requeue=False) + the step-boundary requeue callback
+        from tokenizers.slurm import slurm_support
+
+        slurm_plugins, slurm_callbacks = slurm_support()
+        return pl.Trainer(**settings, default_root_dir=str(run_dir), logger=logger, callbacks=callbacks + slurm_callbacks,
+                          plugins=[AtomicCheckpointIO(), *slurm_plugins])
+    except TypeError as error:
+        raise VistokError(f"bad trainer setting ({error}); see lightning.pytorch.Trainer for the options.") from None
+    except Exception as error:  # Lightning's MisconfigurationException and ValueError for bad values
+        raise VistokError(f"bad trainer setting: {str(error).splitlines()[0]}") from None
+
+
+def _instantiate(node: DictConfig, where: str, **overrides: Any) -> Any:
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not target:
+        raise VistokError(f"the {where} config has no _target_; pick one of the files in configs/{where.split('.')[0]}/.")
+    try:
+        return instantiate(node, **overrides)
+    except VistokError:
+        raise
+    except Exception as error:
+        cause = error.__cause__ if isinstance(error.__cause__, VistokError) else None
+        if cause is not None:
+            raise cause from None
+        message = str(error.__cause__ or error).splitlines()[0]
+        raise VistokError(f"cannot build {where} ({target}): {message}; fix the {where} settings.") from None
+
+
+def check_top_level(cfg: DictConfig) -> None:
+    unknown = sorted(set(cfg) - TOP_LEVEL)
+    if unknown:
+        raise VistokError(f"unknown setting(s) {', '.join(unknown)}; the top-level settings are {', '.join(sorted(TOP_LEVEL))}.")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_training(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
+    """Check ``cfg``, train, and return the results; raises VistokError before training for bad settings.
+
+    A NaN/inf loss raises :class:`~tokenizers.module.TrainingDiverged` (with the step and terms);
+    checkpoints written before it stay in ``run_dir``.
+    """
+    start = time.monotonic()
+    run_dir = Path(run_dir).resolve()
+    check_top_level(cfg)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    module = build_module(cfg)
+    datamodule = build_datamodule(cfg, module)
+    ckpt_path = resolve_resume(cfg.resume, run_dir)
+    logger = build_logger(cfg, run_dir)
+    callbacks, artifacts = build_callbacks(cfg, run_dir, validates=getattr(datamodule, "val_urls", True) is not None,
+                                           logs=logger is not False)
+    trainer = build_trainer(cfg, run_dir, logger, callbacks)
+    _write_config(cfg, run_dir)
+    if ckpt_path is not None:
+        log.info("resuming from %s", ckpt_path)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+
+    checkpoint = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)), None)
+    best = Path(checkpoint.best_model_path) if checkpoint is not None and checkpoint.best_model_path else None
+    newest = list_checkpoints(run_dir)
+    result = TrainResult(
+        run_dir=run_dir, step=trainer.global_step, metrics=dict(module.last_val_metrics),
+        checkpoint=best or (newest[0] if newest else None), grid=artifacts.grid_path,
+        token_counts=list(module.val_token_counts), seconds=time.monotonic() - start,
+    )
+    if trainer.is_global_zero and result.metrics:
+        tokenizer = module.tokenizer
+        baseline, count = thumbnail_baseline(datamodule, result.token_counts, tokenizer.codebook_size, tokenizer.token_dim,
+                                             max_images=int(result.metrics.get("val/images", 1024)))
+        result.table = summary_table(result, tokenizer.codebook_size, tokenizer.token_dim, baseline, count)
+    return result
+
+
+@rank_zero_only
+def _write_config(cfg: DictConfig, run_dir: Path) -> None:
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)  # the directory actually used (Hydra resolved ${now:} once)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from tokenizers.cli import atomic_write
+
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write(run_dir / "config.yaml", lambda handle: handle.write(text.encode()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The closing table
+
+
+def summary_table(result: TrainResult, codebook_size: int | None, token_dim: int,
+                  baseline: dict[int, float], baseline_images: int) -> str:
+    """Plain-text table: per token count the bits, PSNR, SSIM and the thumbnail codec's PSNR at those bits."""
+    from eval.metrics import bits_per_image
+
+    lines = [f"{'tokens':>6} {'bits':>6} {'PSNR dB':>8} {'SSIM':>6} {'thumbnail PSNR dB':>18}"]
+    for k in result.token_counts:
+        bits = bits_per_image(k, codebook_size, token_dim)
+        psnr = result.metrics.get(f"val/psnr@{k}", float("nan"))
+        ssim = result.metrics.get(f"val/ssim@{k}", float("nan"))
+        thumb = f"{baseline[k]:18.2f}" if k in baseline else f"{'-':>18}"
+        lines.append(f"{k:>6} {bits:>6.0f} {psnr:>8.2f} {ssim:>6.3f} {thumb}")
+    lines.append(f"(EMA weights, {result.metrics.get('val/images', 0):.0f} validation images; thumbnail: the image shrunk to "
+                 f"the largest 8-bit RGB thumbnail that fits the bits, scaled back bicubically, on {baseline_images} of them)")
+    if "val/usage" in result.metrics:
+        lines.append(f"codebook usage {result.metrics['val/usage']:.1%}, perplexity {result.metrics.get('val/perplexity', float('nan')):.1f} "
+                     f"at {result.token_counts[-1]} tokens")
+    lines.append(f"checkpoint: {result.checkpoint}")
+    lines.append(f"grid:       {result.grid}")
+    lines.append(f"{result.step} steps in {result.seconds:.0f} s; run directory {result.run_dir}")
+    return "\n".join(lines)
+
+
+def thumbnail_baseline(datamodule: pl.LightningDataModule, token_counts: list[int], codebook_size: int | None,
+                       token_dim: int, max_images: int = 1024) -> tuple[dict[int, float], int]:
+    """PSNR of eval's thumbnail codec at each token count's bits on (up to) the first validation images.
+
+    Returns ({token count: PSNR}, number of images used).
+    """
+    from eval.baselines import thumbnail_psnr
+    from eval.metrics import bits_per_image
+
+    images: list[torch.Tensor] = []
+    for batch in datamodule.val_dataloader():
+        images.append(batch["image"])
+        if sum(len(x) for x in images) >= max_images:
+            break
+    if not images:
+        return {}, 0
+    stacked = torch.cat(images)[:max_images]
+    return {k: thumbnail_psnr(stacked, bits_per_image(k, codebook_size, token_dim)) for k in token_counts}, len(stacked)

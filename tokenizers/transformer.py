@@ -1,0 +1,133 @@
+"""1D transformer encoder and decoder in the style of TiTok (Yu et al., 2024).
+
+The encoder reads image patches together with K learned latent tokens and keeps only the
+latent outputs, so an image becomes a 1D sequence of K tokens whose order carries no spatial
+meaning. The decoder asks one mask query per image patch to read those tokens back into pixels.
+Both use timm's ViT ``Block`` with attention forced through
+``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels).
+"""
+from __future__ import annotations
+
+import torch
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from tokenizers.token_dropout import keep_mask, pad_with_mask_token
+
+
+def make_blocks(width: int, depth: int, heads: int, mlp_ratio: float) -> nn.Sequential:
+    """``depth`` pre-norm timm ViT blocks whose attention runs through SDPA."""
+    if width % heads != 0:
+        raise ValueError(f"width {width} must be divisible by heads {heads}")
+    blocks = nn.Sequential(*[Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)])
+    for module in blocks.modules():
+        if isinstance(module, Attention):
+            # timm turns the fused path off under TIMM_FUSED_ATTN=0 or in exportable mode; the
+            # manual path materialises (N x N) attention maps per head, which we never want here.
+            module.fused_attn = True
+    return blocks
+
+
+def init_vit_weights(module: nn.Module) -> None:
+    """timm ViT initialisation: trunc_normal(0.02) linears, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def unpatchify(patches: torch.Tensor, grid: int, patch_size: int) -> torch.Tensor:
+    """(B, grid*grid, p*p*3) raster-ordered patches -> (B, 3, grid*p, grid*p) image."""
+    b = patches.shape[0]
+    x = patches.reshape(b, grid, grid, patch_size, patch_size, 3)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 3, grid * patch_size, grid * patch_size)
+
+
+class TiTokEncoder(nn.Module):
+    """Image (B, 3, H, W) in [-1, 1] -> latent tokens (B, K, out_dim).
+
+    Args:
+        image_size: H = W in pixels (a multiple of ``patch_size``).
+        patch_size: side of the square patches.
+        num_tokens: K, the number of learned latent tokens (the output sequence length).
+        width, depth, heads, mlp_ratio: transformer size.
+        out_dim: D, the quantizer's input dimension.
+    """
+
+    def __init__(self, image_size: int, patch_size: int, num_tokens: int, width: int, depth: int, heads: int,
+                 mlp_ratio: float, out_dim: int) -> None:
+        super().__init__()
+        self.image_size, self.patch_size, self.num_tokens = image_size, patch_size, num_tokens
+        self.patch_embed = PatchEmbed(image_size, patch_size, in_chans=3, embed_dim=width)
+        num_patches = self.patch_embed.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, width))
+        self.latent_tokens = nn.Parameter(torch.zeros(1, num_tokens, width))
+        self.latent_pos_embed = nn.Parameter(torch.zeros(1, num_tokens, width))
+        self.blocks = make_blocks(width, depth, heads, mlp_ratio)
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, out_dim)
+
+        self.apply(init_vit_weights)
+        for p in (self.pos_embed, self.latent_tokens, self.latent_pos_embed):
+            trunc_normal_(p, std=0.02)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embed(images) + self.pos_embed
+        latents = (self.latent_tokens + self.latent_pos_embed).expand(images.shape[0], -1, -1)
+        x = self.blocks(torch.cat([patches, latents], dim=1))
+        x = self.norm(x[:, patches.shape[1]:])
+        return self.proj(x)
+
+
+class TiTokDecoder(nn.Module):
+    """Tokens (B, k, in_dim), 1 <= k <= K -> image (B, 3, H, W) in about [-1, 1] (unclamped).
+
+    Positions k..K-1, and positions >= ``lengths[b]`` when given, are replaced by a learned mask
+    token after the input projection, so nothing of those tokens reaches the blocks. The
+    sequence is [one mask query per image patch (+ patch position)] + [K latent slots
+    (+ latent position)]; full bidirectional attention is safe because hidden slots carry only
+    the mask token. Each patch query predicts its patch's pixels.
+    """
+
+    def __init__(self, image_size: int, patch_size: int, num_tokens: int, width: int, depth: int, heads: int,
+                 mlp_ratio: float, in_dim: int) -> None:
+        super().__init__()
+        self.image_size, self.patch_size, self.num_tokens = image_size, patch_size, num_tokens
+        self.grid = image_size // patch_size
+        num_patches = self.grid * self.grid
+        self.proj_in = nn.Linear(in_dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        self.latent_pos_embed = nn.Parameter(torch.zeros(1, num_tokens, width))
+        self.patch_query = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, width))
+        self.blocks = make_blocks(width, depth, heads, mlp_ratio)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, patch_size * patch_size * 3)
+
+        self.apply(init_vit_weights)
+        for p in (self.mask_token, self.latent_pos_embed, self.patch_query, self.pos_embed):
+            trunc_normal_(p, std=0.02)
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """The pixel head's weight (the adaptive GAN weight balances gradients at it)."""
+        return self.head.weight
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (B, k, in_dim); lengths: optional (B,) long tokens kept per sample."""
+        if lengths is not None:
+            # zero hidden inputs before the projection too, so not even their gradients
+            # (0 * NaN) can reach the projection weights
+            keep = keep_mask(tokens.shape[0], tokens.shape[1], tokens.shape[1], lengths, tokens.device)
+            tokens = torch.where(keep[..., None], tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
+        latents = pad_with_mask_token(self.proj_in(tokens), self.mask_token, self.num_tokens, lengths)
+        latents = latents + self.latent_pos_embed
+        queries = (self.patch_query + self.pos_embed).expand(tokens.shape[0], -1, -1)
+        x = self.blocks(torch.cat([queries, latents], dim=1))
+        x = self.norm(x[:, : queries.shape[1]])
+        return unpatchify(self.head(x), self.grid, self.patch_size)
