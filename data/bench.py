@@ -16,7 +16,6 @@ writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -34,6 +33,7 @@ from PIL import Image, features
 from data.datamodule import make_train_loader
 from data.sample import SAMPLE_PHOTOS, load_photo
 from data.shards import write_shards
+from tokenizers.atomic import atomic_write_json
 
 
 def make_images(folder: Path, count: int, sides: tuple[int, int] = (300, 500), seed: int = 0) -> None:
@@ -207,10 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, out)
+    atomic_write_json(out, result)
     print(f"wrote {out}")
     return result
 

@@ -34,6 +34,7 @@ import webdataset as wds
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data.images import IMAGE_EXTENSIONS, exif_orientation, list_images, open_image, resize_center_crop, to_rgb
+from tokenizers.atomic import atomic_write_json
 from tokenizers.errors import VistokError
 
 log = logging.getLogger(__name__)
@@ -241,16 +242,6 @@ class _AtomicShardSink:
             self._open.clear()
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> list[Path]:
     if out_dir.exists() and not out_dir.is_dir():
         raise VistokError(f"the output {out_dir} is a file; give a folder for the shards")
@@ -301,7 +292,7 @@ def write_samples(
         "skipped": {"count": len(skipped_list), "files": skipped_list},
         **(extra or {}),
     }
-    _write_json_atomic(out / INDEX_NAME, index)
+    atomic_write_json(out / INDEX_NAME, index, fsync=True)
     written = set(sink.names)
     for stale in previous:  # --overwrite with fewer shards than before: drop the leftovers
         if stale.name not in written:

@@ -14,6 +14,7 @@ Measures, side by side in one run:
 * ``quantizers``: forward + backward time and peak memory of each quantizer at a stated token
   count and codebook size, next to ``vector-quantize-pytorch``'s equivalent at equal settings
   (same tokens, codebook, dims, losses on), and the ratio. Optional: ``pip install -e ".[bench]"``.
+  The two are timed in one process with their steps interleaved, so both see the same load.
 * ``data``: the data loader's images/s, through :mod:`data.bench`.
 
 Timing: each case runs ``--warmup`` untimed steps (for training, the last of them records FLOPs,
@@ -90,9 +91,9 @@ def measure(step: Callable[[], Any], device: torch.device, *, warmup: int, repea
             count_slow_warmup: bool = True) -> dict[str, Any]:
     """Time ``step``: ``warmup`` untimed calls, then up to ``repeats`` timed ones within ``budget_s``.
 
-    Returns {"median_s", "times_s", "warmup_s"}. When ``count_slow_warmup`` and one warm-up call
-    alone exceeds the budget, that call is the measurement (large reference cases take tens of
-    seconds per call on a CPU).
+    Returns {"median_s", "best_s", "times_s", "warmup_s"}. When ``count_slow_warmup`` and one
+    warm-up call alone exceeds the budget, that call is the measurement (with a "note"; large
+    reference cases take tens of seconds per call on a CPU). ``repeats=0`` only warms up.
     """
     warmup_times: list[float] = []
     for _ in range(warmup):
@@ -981,7 +982,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (default: CPU 3, CUDA 20)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timed steps per case before stopping early (default: CPU 10, CUDA 20)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); on a shared machine 1 gives stable comparisons")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak TFLOP/s for MFU (default: a table of known GPUs, bf16 dense)")
     parser.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
@@ -1023,6 +1025,8 @@ def resolve_arguments(args: argparse.Namespace) -> torch.device:
                  "data_batch"):
         if getattr(args, name) < 1:
             raise VistokError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    if args.threads is not None and args.threads < 1:
+        raise VistokError(f"--threads must be at least 1, got {args.threads}.")
     if args.warmup < 0 or args.data_workers < 0 or args.budget <= 0:
         raise VistokError("--warmup and --data-workers must be >= 0 and --budget positive.")
     if any(b < 1 for b in args.lfq_bits) or any(c < 1 for c in args.vq_codes + args.softvq_codes):
@@ -1034,6 +1038,17 @@ def resolve_arguments(args: argparse.Namespace) -> torch.device:
     for model in list(args.models) + list(args.codec_models or []):
         _parse_model(model)
     return device
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _reference_version() -> str | None:
@@ -1063,6 +1078,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         int(0.8 * available) if available else None)
 
     notes: list[str] = []
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = os.cpu_count() or 1
+    threads = args.threads or torch.get_num_threads()
+    if not cuda and threads > 1 and load > 0.5 * cores:
+        # OpenMP regions wait for every thread: with another process on a core, each parallel op
+        # can stall for a scheduler tick, which hurts code made of many small ops the most.
+        notes.append(f"the machine is busy (load average {load:.1f} on {cores} cores): multi-threaded CPU timings "
+                     "stall on descheduled threads and vary widely; --threads 1 gives stable comparisons")
+        print(f"note: {notes[-1]}", file=sys.stderr)
     reference_version = _reference_version()
     if "quantizers" in args.sections and not args.no_reference and reference_version is None:
         notes.append(f"{REFERENCE_PACKAGE} is not installed, so only vistok's quantizers were measured; "
@@ -1076,11 +1100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             notes.append(f"data loader section skipped: data.bench is not importable ({error})")
             plan = [c for c in plan if c["section"] != "data"]
 
-    device_name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
+    device_name = torch.cuda.get_device_name(device) if cuda else f"{_cpu_name()}, {os.cpu_count()} cores"
     meta = {
         "command": "python -m eval.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": str(device), "device_name": device_name, "cpu_count": os.cpu_count(),
-        "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "threads": threads, "load_average_at_start": load, "torch": torch.__version__,
+        "python": platform.python_version(),
         "platform": platform.platform(), "reference_version": reference_version,
         "timing": f"median of up to {args.repeats} timed steps after {args.warmup} warm-up "
                   f"({'+2 for compile; ' if cuda else ''}stopping after {args.budget:g} s)",
@@ -1117,6 +1142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report[case["section"]].append(result if "error" not in result else {**result, "case": case})
     report["targets"] = evaluate_targets(report)
     meta["elapsed_s"] = time.perf_counter() - started
+    meta["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     write_json_atomic(args.output, report)
     print(format_report(report))
     print(f"\nwrote {args.output}")

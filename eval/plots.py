@@ -14,7 +14,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from eval.report import atomic_output  # noqa: E402
+from tokenizers.atomic import atomic_path  # noqa: E402
 
 QUALITY_METRICS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS (lower is better)"), ("rfid", "rFID (lower is better)"))
 
@@ -44,7 +44,7 @@ def plot_rate_distortion(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return Path(path)
@@ -74,7 +74,7 @@ def save_reconstruction_grid(examples: Mapping[Any, Tensor], path: str | os.Path
     if title:
         ax.set_xlabel(title, fontsize=7, wrap=True)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=max(100, int(w / cell_inches)))
     plt.close(fig)
     return Path(path)

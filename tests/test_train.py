@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from tokenizers.callbacks import AtomicCheckpointIO
 from tokenizers.errors import VistokError
 from tokenizers.model import build_tokenizer
-from tokenizers.module import TokenizerModule, TrainingDiverged
+from tokenizers.module import TrainingDiverged
 from tokenizers.training import CONFIG_DIR, list_checkpoints, resolve_resume, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +70,8 @@ class Recorder(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         self.start_step = trainer.global_step
         self.start_optimizer = _clone(trainer.optimizers[0].state_dict())
+        self.start_ema = _clone(pl_module.ema.module.state_dict())
+        self.start_quantizer = _clone(pl_module.tokenizer.quantizer.state_dict())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.capture_at:
@@ -170,7 +172,8 @@ def test_checkpoint_has_contract_keys_and_loads_weights_only(fsq_run):
 
 
 def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(data_dir, tmp_path):
-    overrides = tiny_overrides(data_dir, steps=6, val_every=3)
+    overrides = [*tiny_overrides(data_dir, steps=6, val_every=3), "quantizer=vq", "quantizer.dim=4",
+                 "quantizer.codebook_size=32", "quantizer.ema=true", "quantizer.dead_code_steps=2"]
     first = Recorder(capture_at=3, crash_at=4)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_with(make_cfg(*overrides), tmp_path, first)
@@ -185,6 +188,10 @@ def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(data_d
     assert second.start_step == 3 and result.step == 6
     assert_same_optimizer_state(second.start_optimizer, first.captured)
     assert saved["lr_schedulers"][0]["last_epoch"] == 3
+    assert all(torch.equal(second.start_ema[k], v) for k, v in saved["ema_state_dict"].items())
+    quantizer = {k[len("tokenizer.quantizer."):]: v for k, v in saved["state_dict"].items() if k.startswith("tokenizer.quantizer.")}
+    assert {"codebook", "cluster_size", "embed_sum", "steps_unused"} <= quantizer.keys()
+    assert all(torch.equal(second.start_quantizer[k], v) for k, v in quantizer.items())
 
 
 def test_nan_loss_stops_with_step_and_terms_and_keeps_last_good_checkpoint(data_dir, tmp_path):
@@ -238,7 +245,7 @@ def test_train_py_config_errors_exit_2_with_one_sentence(tmp_path):
         (["quantizer=nope"], "unknown quantizer 'nope'; choose one of fsq, lfq, soft, vq"),
         (["validation.token_counts=[1,64]", f"run_dir={tmp_path / 'run'}"], "validation.token_counts has 64"),
     ):
-        result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True,
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True, check=False,
                                 text=True, timeout=180)
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith("train.py: error: ")
@@ -283,7 +290,7 @@ def test_ddp_two_cpu_processes_keep_weights_and_vq_codebook_identical(data_dir, 
             "quantizer=vq", "quantizer.dim=4", "quantizer.codebook_size=64", "quantizer.ema=true",
             "quantizer.dead_code_steps=1", "+quantizer.restart_samples_per_step=8"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True,
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True, check=False,
                             text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run_dir / "rank_consistency.json").read_text())

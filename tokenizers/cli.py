@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import Any
 
+from tokenizers.atomic import atomic_write
 from tokenizers.errors import VistokError
 
 NPZ_FORMAT = "vistok-tokens"
@@ -72,30 +71,6 @@ def run(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None], fsync: bool = False) -> None:
-    """Write a file through ``write(handle)`` to a temporary name beside ``path``, then rename it.
-
-    A killed process leaves the old file or the new one, never part of one. ``fsync`` also
-    flushes the data to disk before the rename, so that holds across a power loss (worth it for
-    checkpoints, too slow for thousands of PNGs).
-    """
-    from tokenizers.export import current_umask
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _device(name: str):

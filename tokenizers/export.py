@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from tokenizers.atomic import current_umask
 from tokenizers.errors import VistokError
 
 FORMAT_VERSION = 1
@@ -55,13 +56,6 @@ INPUT_CONVENTION = {
 
 
 @functools.cache
-def current_umask() -> int:
-    """The process umask, read once: reading it means setting it, which is not thread-safe."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def vistok_version() -> str:
     """The installed vistok version, or "unknown" when running from an uninstalled tree."""
     from importlib.metadata import PackageNotFoundError, version

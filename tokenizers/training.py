@@ -22,28 +22,29 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tokenizers.callbacks import AtomicCheckpointIO, RankConsistencyCheck, RunArtifacts, write_json
+from tokenizers.callbacks import AtomicCheckpointIO, RankConsistencyCheck, RunArtifacts
 from tokenizers.errors import VistokError
 from tokenizers.module import TokenizerModule
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-# Config groups a user picks on the command line (``quantizer=vq``).
-GROUPS = ("model", "quantizer", "data", "trainer", "logger", "callbacks", "experiment")
-# Top-level keys of configs/train.yaml and what reads them; anything else is refused.
-TOP_LEVEL = {"name", "seed", "run_dir", "resume", "compile", "loss", "optim", "ema", "validation", *GROUPS} - {"experiment"}
+# Top-level keys of configs/train.yaml (experiment/ merges into the others); anything else is refused.
+TOP_LEVEL = {"name", "seed", "run_dir", "resume", "compile", "loss", "optim", "ema", "validation",
+             "model", "quantizer", "data", "trainer", "logger", "callbacks"}
 SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed", "bf16-true", "64-true")
 
 
@@ -80,8 +81,7 @@ class TrainResult:
     grid: Path | None
     token_counts: list[int]
     seconds: float
-    table: str = ""
-    notes: list[str] = field(default_factory=list)
+    table: str = ""  # the closing summary (global rank 0 only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger: Any, callbacks: list[p
                           plugins=[AtomicCheckpointIO(), *slurm_plugins])
     except TypeError as error:
         raise VistokError(f"bad trainer setting ({error}); see lightning.pytorch.Trainer for the options.") from None
-    except Exception as error:  # Lightning's MisconfigurationException and ValueError for bad values
+    except (MisconfigurationException, ValueError, ImportError) as error:  # Lightning's answers to bad values
         raise VistokError(f"bad trainer setting: {str(error).splitlines()[0]}") from None
 
 
@@ -214,12 +214,9 @@ def _instantiate(node: DictConfig, where: str, **overrides: Any) -> Any:
         raise VistokError(f"the {where} config has no _target_; pick one of the files in configs/{where.split('.')[0]}/.")
     try:
         return instantiate(node, **overrides)
-    except VistokError:
-        raise
-    except Exception as error:
-        cause = error.__cause__ if isinstance(error.__cause__, VistokError) else None
-        if cause is not None:
-            raise cause from None
+    except InstantiationException as error:  # Hydra wraps whatever the target raised
+        if isinstance(error.__cause__, VistokError):
+            raise error.__cause__ from None
         message = str(error.__cause__ or error).splitlines()[0]
         raise VistokError(f"cannot build {where} ({target}): {message}; fix the {where} settings.") from None
 

@@ -1,0 +1,60 @@
+"""Atomic file writes: everything vistok writes goes to a temporary name beside its target and
+is renamed into place, so a killed process leaves the old file or the new one, never part of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds it replaces ``path``.
+
+    ``fsync`` flushes the data to disk before the rename, so the file also survives a power loss
+    (worth it for checkpoints and shards, too slow for thousands of PNGs). On failure the
+    temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if fsync:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; outputs are ordinary files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], fsync: bool = False) -> Path:
+    """Write a file through ``write(binary_handle)``, atomically."""
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as handle:
+        write(handle)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = False) -> Path:
+    """Write UTF-8 ``text`` to ``path``, atomically."""
+    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")), fsync=fsync)
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, fsync: bool = False) -> Path:
+    """Write ``data`` as indented JSON (with a final newline), atomically."""
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n", fsync=fsync)
