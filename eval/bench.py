@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from tokenizers.atomic import atomic_write_text
 from tokenizers.errors import VistokError
 
 # Dense bf16 tensor-core peaks, TFLOP/s (SXM parts; NVIDIA datasheets). Matched by substring of
@@ -192,7 +193,7 @@ class OpAudit(TorchDispatchMode):
         self.syncs: Counter[str] = Counter()
         self.matmul_dtypes: Counter[str] = Counter()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         self.ops[name] += 1
         if name in HOST_SYNC_OPS or (name in DEVICE_SYNC_OPS and args[0].device.type != "cpu"):
@@ -502,7 +503,7 @@ def bench_quantizer_timing(case: dict[str, Any]) -> dict[str, Any]:
             break
     result = {}
     for impl in steps:
-        if impl in times and times[impl]:
+        if times.get(impl):
             runs[impl] = {"median_s": statistics.median(times[impl]), "best_s": min(times[impl]),
                           "times_s": times[impl], "warmup_s": runs[impl]["warmup_s"]}
         result[impl] = {"step_s": runs[impl]["median_s"], "best_s": runs[impl]["best_s"],
@@ -520,10 +521,6 @@ def _count_step_ops(module: torch.nn.Module, impl: str, tokens: int, dim: int, d
         (quantized.sum() + loss).backward()
     module.zero_grad(set_to_none=True)
     return sum(audit.ops.values())
-
-
-def _reference_dim(module: torch.nn.Module) -> int:
-    return int(getattr(module, "dim"))
 
 
 def _quantize(module: torch.nn.Module, latents: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -587,7 +584,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.empty_cache()
 
 
-def _child(case: dict[str, Any], connection) -> None:  # noqa: ANN001
+def _child(case: dict[str, Any], connection) -> None:
     connection.send(run_case(case))
     connection.close()
 
@@ -836,8 +833,8 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable tables."""
-    parts = [f"vistok benchmark on {report['meta']['device_name']} (torch {report['meta']['torch']}, "
-             f"{report['meta']['threads']} threads); medians of repeated runs"]
+    parts = [(f"vistok benchmark on {report['meta']['device_name']} (torch {report['meta']['torch']}, "
+              f"{report['meta']['threads']} threads); medians of repeated runs")]
     train = report.get("train", [])
     if train:
         rows = []
@@ -902,21 +899,6 @@ def format_report(report: dict[str, Any]) -> str:
     if report["meta"].get("notes"):
         parts.append("Notes\n" + "\n".join(f"  - {n}" for n in report["meta"]["notes"]))
     return "\n\n".join(parts)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- command line
@@ -1143,7 +1125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["targets"] = evaluate_targets(report)
     meta["elapsed_s"] = time.perf_counter() - started
     meta["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    write_json_atomic(args.output, report)
+    atomic_write_text(args.output, json.dumps(report, indent=2, default=str) + "\n")
     print(format_report(report))
     print(f"\nwrote {args.output}")
     return 0

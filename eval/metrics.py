@@ -397,6 +397,24 @@ class CodebookUsage(Metric):
 # The evaluator used by `vistok score`, rate-distortion and training validation
 
 
+def load_networks(inception_weights: str | Path | bool | None,
+                  lpips_weights: str | Path | bool | None) -> tuple[Any, Any, list[str]]:
+    """The Inception (rFID) and LPIPS networks, each None with a note in ``notes`` when unavailable.
+
+    A weights argument of None (or True) looks in the torch hub cache, a path loads that file,
+    and False turns the metric off.
+    """
+    notes: list[str] = []
+    inception = lpips = None
+    if inception_weights is not False:
+        inception, note = load_inception(None if inception_weights in (None, True) else inception_weights)
+        notes += [note] if note else []
+    if lpips_weights is not False:
+        lpips, note = load_lpips(None if lpips_weights in (None, True) else lpips_weights)
+        notes += [note] if note else []
+    return inception, lpips, notes
+
+
 class ReconstructionEvaluator(nn.Module):
     """Reconstruction metrics for several token counts, streamed and DDP-reduced.
 
@@ -453,14 +471,7 @@ class ReconstructionEvaluator(nn.Module):
         token_counts: default all K only. *_weights: None looks in the torch hub cache, a path
         loads that file, False turns the metric off. Missing weights become ``notes``.
         """
-        notes: list[str] = []
-        inception = lpips = None
-        if inception_weights is not False:
-            inception, note = load_inception(None if inception_weights in (None, True) else inception_weights)
-            notes += [note] if note else []
-        if lpips_weights is not False:
-            lpips, note = load_lpips(None if lpips_weights in (None, True) else lpips_weights)
-            notes += [note] if note else []
+        inception, lpips, notes = load_networks(inception_weights, lpips_weights)
         counts = [tokenizer.max_tokens] if token_counts is None else token_counts
         return cls(counts, codebook_size=tokenizer.codebook_size, token_dim=tokenizer.token_dim,
                    inception=inception, lpips=lpips, ssim=ssim, notes=notes)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from data.images import list_images, load_rgb, resize_center_crop, to_tensor
-from eval.metrics import ReconstructionEvaluator, bits_per_token, load_inception, load_lpips
+from eval.metrics import ReconstructionEvaluator, bits_per_token, load_networks
 from eval.plots import plot_rate_distortion, save_reconstruction_grid
 from eval.rate_distortion import ROW_FIELDS, parse_token_counts, rate_distortion
 from eval.report import format_table, write_csv, write_json
@@ -110,19 +110,6 @@ def _count_hint(source: str, limit: int | None) -> int | None:
     return total if total is not None else limit
 
 
-def _networks(inception_weights: str | os.PathLike | bool | None,
-              lpips_weights: str | os.PathLike | bool | None) -> tuple[Any, Any, list[str]]:
-    notes: list[str] = []
-    inception = lpips = None
-    if inception_weights is not False:
-        inception, note = load_inception(None if inception_weights in (None, True) else inception_weights)
-        notes += [note] if note else []
-    if lpips_weights is not False:
-        lpips, note = load_lpips(None if lpips_weights in (None, True) else lpips_weights)
-        notes += [note] if note else []
-    return inception, lpips, notes
-
-
 def score_tokenizer(tokenizer: Any | str | os.PathLike, data: str, token_counts: str | Sequence[int] | None = None, *,
                     limit: int | None = None, batch_size: int = 16, device: str | None = None,
                     inception_weights: str | os.PathLike | bool | None = None,
@@ -155,7 +142,7 @@ def score_tokenizer(tokenizer: Any | str | os.PathLike, data: str, token_counts:
     first = next(images, None)  # bad data (missing, empty, wrong size) fails before the networks load
     if first is None:
         raise VistokError(f"{data} yielded no images; point DATA at a folder of images, shard URLs or 'sample'.")
-    inception, lpips, notes = _networks(inception_weights, lpips_weights)
+    inception, lpips, notes = load_networks(inception_weights, lpips_weights)
 
     def all_images() -> Iterator[tuple[str, Tensor]]:
         yield first
@@ -272,7 +259,7 @@ def score_folders(reference: str | os.PathLike, reconstructions: str | os.PathLi
     device = resolve_device(device)
     pairs = _match_names(Path(reference).expanduser(), Path(reconstructions).expanduser())[:limit]
     first = _load_pair(*pairs[0], resize)  # a size mismatch fails before the networks load
-    inception, lpips, notes = _networks(inception_weights, lpips_weights)
+    inception, lpips, notes = load_networks(inception_weights, lpips_weights)
     evaluator = ReconstructionEvaluator([0], inception=inception, lpips=lpips, notes=notes).to(device)
 
     def flush(refs: list[Tensor], recs: list[Tensor]) -> None:
