@@ -86,7 +86,7 @@ def test_script_isolates_cases_and_rejects_bad_input(tmp_path):
     out = tmp_path / "sub" / "bench.json"
     done = subprocess.run([sys.executable, "-m", "eval.bench", "--sections", "quantizers", "--quantizers", "fsq",
                            "--no-reference", "--output", str(out), *TINY],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert report["meta"]["isolated"] and "child process" in report["meta"]["memory_method"]
@@ -95,7 +95,7 @@ def test_script_isolates_cases_and_rejects_bad_input(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # atomic write left no temporary file
 
     bad = subprocess.run([sys.executable, "-m", "eval.bench", "--sections", "train,nope", "--output",
-                          str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2
     assert "error: unknown section(s) nope" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "x.json").exists()

@@ -134,7 +134,7 @@ class _BoundRound(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, shift, scale, offset, half_width):  # noqa: ANN001, ANN205
+    def forward(ctx, z, shift, scale, offset, half_width):
         t = torch.tanh(z + shift)
         rounded = torch.addcmul(-offset, t, scale).round_()
         ctx.save_for_backward(t, scale / half_width)
@@ -142,7 +142,7 @@ class _BoundRound(torch.autograd.Function):
         return rounded / half_width, rounded
 
     @staticmethod
-    def backward(ctx, grad_codes, _grad_rounded):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_codes, _grad_rounded):
         t, slope = ctx.saved_tensors
         # (1 - t^2) * slope * grad, with 1 - t^2 as one fused multiply-add
         return torch.addcmul(torch.ones_like(t), t, t, value=-1).mul_(slope).mul_(grad_codes), None, None, None, None
