@@ -7,6 +7,7 @@ ensure_own_tokenizers("train.py")  # before anything imports `tokenizers` (Huggi
 # With no arguments this runs the CPU demo (experiment=demo). The configuration lives in configs/
 # (Hydra); configs/train.yaml lists the settings and README.md shows examples. Bad settings stop
 # before training with one sentence on stderr and exit status 2.
+import logging
 import sys
 from pathlib import Path
 
@@ -69,6 +70,11 @@ def main(cfg: DictConfig) -> None:
     from tokenizers.module import TrainingDiverged
     from tokenizers.training import run_training
 
+    # Hydra already logs to the console and train.log; the `lightning` package's own console
+    # handler would print every Lightning message a second time.
+    lightning_logger = logging.getLogger("lightning")
+    for handler in [h for h in lightning_logger.handlers if type(h) is logging.StreamHandler]:
+        lightning_logger.removeHandler(handler)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         result = run_training(cfg, run_dir)

@@ -7,8 +7,9 @@
   directory (and to wandb when that is the logger) and ``metrics.json`` with the latest
   validation metrics, whatever logger is configured.
 - :class:`RankConsistencyCheck`: at the end of a multi-process run, compares a fingerprint of
-  every tokenizer tensor (weights, EMA weights, quantizer buffers such as a VQ codebook) across
-  ranks, writes them to ``rank_consistency.json`` and fails the run if any rank diverged.
+  every tensor of the module's state (weights, EMA weights, quantizer buffers such as a VQ
+  codebook, the discriminator) across ranks, writes them to ``rank_consistency.json`` and fails
+  the run if any rank diverged.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.loggers import WandbLogger
 
-from tokenizers.cli import atomic_write
+from tokenizers.atomic import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -94,7 +95,7 @@ class RankConsistencyCheck(pl.Callback):
 
     Data-parallel training must keep replicas identical; a quantizer that updates a codebook
     from local statistics, or any rank-dependent randomness, breaks that silently. This
-    compares sha256 fingerprints of ``pl_module.tokenizer`` (and its EMA copy) across ranks.
+    compares sha256 fingerprints of every entry of ``pl_module.state_dict()`` across ranks.
     """
 
     def __init__(self, run_dir: str | Path) -> None:
@@ -103,9 +104,7 @@ class RankConsistencyCheck(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size < 2 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return
-        prints = {f"tokenizer.{k}": v for k, v in tensor_fingerprints(pl_module.tokenizer).items()}
-        if getattr(pl_module, "ema", None) is not None:
-            prints.update({f"ema.{k}": v for k, v in tensor_fingerprints(pl_module.ema.module).items()})
+        prints = tensor_fingerprints(pl_module)
         gathered: list[Any] = [None] * trainer.world_size
         torch.distributed.all_gather_object(gathered, prints)
         differing = sorted(name for name in prints if len({ranks[name] for ranks in gathered}) > 1)

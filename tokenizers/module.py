@@ -100,6 +100,10 @@ class OptimSettings:
     warmup_steps: int = 1000
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio at trainer.max_steps
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    # Steps between checks that the loss terms and the gradient norm are finite. Each check waits
+    # for the device; with more than 1, a step that turned the weights NaN may reach a forward
+    # pass before the check names it. Checkpoints and validation are always checked first.
+    finite_check_every: int = 1
 
 
 @dataclass
@@ -148,6 +152,8 @@ def check_ranges(loss: LossSettings, optim: OptimSettings, ema: EMASettings) -> 
         ("optim.warmup_steps", optim.warmup_steps, lambda v: v >= 0, ">= 0"),
         ("optim.min_lr_ratio", optim.min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
         ("optim.grad_clip", optim.grad_clip, lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+        ("optim.finite_check_every", optim.finite_check_every, lambda v: isinstance(v, int) and v >= 0,
+         "an integer >= 0 (0 = only before checkpoints and validation)"),
         ("optim.betas", optim.betas, lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
         ("ema.decay", ema.decay, lambda v: 0 <= v < 1, "in [0, 1)"),
     ]
@@ -247,9 +253,11 @@ class TokenizerModule(pl.LightningModule):
         self.val_images = SumMetric()  # validation images seen, summed over ranks
         self.last_val_metrics: dict[str, float] = {}
         self.latest_grid: torch.Tensor | None = None  # (3, H', W') in [0, 1], set by validation
+        self._grid_rows: list[torch.Tensor] | None = None  # the first validation batch, then its reconstructions
 
         # Names of the tracked loss terms, fixed so a NaN record has one shape from the first step.
-        self.term_names = ["total", "l1", "l2", "quantizer"]
+        self.term_names = ["total"] + [name for name in ("l1", "l2") if getattr(self.loss_settings, f"{name}_weight") > 0]
+        self.term_names.append("quantizer")
         if self.perceptual is not None:
             self.term_names.append("perceptual")
         if self.discriminator is not None:
@@ -311,10 +319,14 @@ class TokenizerModule(pl.LightningModule):
         recon = out.reconstruction
         zero = recon.new_zeros(()).float()
         terms = dict.fromkeys(self.term_names, zero)
-        terms["l1"] = F.l1_loss(recon.float(), images) if settings.l1_weight > 0 else zero
-        terms["l2"] = F.mse_loss(recon.float(), images) if settings.l2_weight > 0 else zero
         terms["quantizer"] = out.quantizer.loss.float()
-        nll = settings.l1_weight * terms["l1"] + settings.l2_weight * terms["l2"] + settings.quantizer_weight * terms["quantizer"]
+        nll = settings.quantizer_weight * terms["quantizer"]
+        if settings.l1_weight > 0:
+            terms["l1"] = F.l1_loss(recon.float(), images)
+            nll = nll + settings.l1_weight * terms["l1"]
+        if settings.l2_weight > 0:
+            terms["l2"] = F.mse_loss(recon.float(), images)
+            nll = nll + settings.l2_weight * terms["l2"]
         if self.perceptual is not None:
             terms["perceptual"] = self.perceptual(recon, images).mean().float()
             nll = nll + settings.perceptual.weight * terms["perceptual"]
@@ -352,8 +364,9 @@ class TokenizerModule(pl.LightningModule):
                 sched_d.step()
 
         self._track_finite(terms)
-        if self.global_step % self.trainer.log_every_n_steps == 0:
-            self.check_finite()  # the host sync rides on the logging interval
+        every = self.optim_settings.finite_check_every
+        if every and self.global_step % every == 0:
+            self.check_finite()
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()})
         self.log_dict({f"train/quantizer_{name}": value for name, value in out.quantizer.stats.items()})
         self.log("train/mean_tokens", out.lengths.float().mean())
@@ -411,7 +424,7 @@ class TokenizerModule(pl.LightningModule):
         self.check_finite()
         self.evaluator.reset()
         self.val_images.reset()
-        self._grid_rows: list[torch.Tensor] | None = None
+        self._grid_rows = None
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         images = batch["image"]
@@ -437,7 +450,9 @@ class TokenizerModule(pl.LightningModule):
         for name in ("usage", "perplexity"):
             if name in results[k_max]:
                 metrics[f"val/{name}"] = results[k_max][name]
-        self.log_dict(metrics, sync_dist=True)  # equal on every rank already; says so to Lightning
+        # equal on every rank already (the evaluator all-reduced); sync_dist says so to Lightning
+        self.log_dict({name: value for name, value in metrics.items() if name != "val/psnr"}, sync_dist=True)
+        self.log("val/psnr", metrics["val/psnr"], prog_bar=True, sync_dist=True)
         if self.trainer.sanity_checking:
             return
         self.last_val_metrics = metrics

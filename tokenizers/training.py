@@ -77,10 +77,13 @@ class TrainResult:
     run_dir: Path
     step: int
     metrics: dict[str, float]
-    checkpoint: Path | None
+    checkpoint: Path | None  # the best by validation PSNR at K (else the newest)
+    last_checkpoint: Path | None
     grid: Path | None
     token_counts: list[int]
     seconds: float
+    best_psnr: float | None = None
+    ema: bool = True  # validation used the EMA weights
     table: str = ""  # the closing summary (global rank 0 only)
 
 
@@ -258,8 +261,10 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     newest = list_checkpoints(run_dir)
     result = TrainResult(
         run_dir=run_dir, step=trainer.global_step, metrics=dict(module.last_val_metrics),
-        checkpoint=best or (newest[0] if newest else None), grid=artifacts.grid_path,
-        token_counts=list(module.val_token_counts), seconds=time.monotonic() - start,
+        checkpoint=best or (newest[0] if newest else None), last_checkpoint=newest[0] if newest else None,
+        grid=artifacts.grid_path, token_counts=list(module.val_token_counts), seconds=time.monotonic() - start,
+        best_psnr=float(checkpoint.best_model_score) if best is not None and checkpoint.best_model_score is not None else None,
+        ema=module.ema is not None,
     )
     if trainer.is_global_zero and result.metrics:
         tokenizer = module.tokenizer
@@ -275,7 +280,7 @@ def _write_config(cfg: DictConfig, run_dir: Path) -> None:
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)  # the directory actually used (Hydra resolved ${now:} once)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from tokenizers.cli import atomic_write
+    from tokenizers.atomic import atomic_write
 
     text = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write(run_dir / "config.yaml", lambda handle: handle.write(text.encode()))
@@ -290,21 +295,26 @@ def summary_table(result: TrainResult, codebook_size: int | None, token_dim: int
     """Plain-text table: per token count the bits, PSNR, SSIM and the thumbnail codec's PSNR at those bits."""
     from eval.metrics import bits_per_image
 
-    lines = [f"{'tokens':>6} {'bits':>6} {'PSNR dB':>8} {'SSIM':>6} {'thumbnail PSNR dB':>18}"]
+    weights = "EMA weights" if result.ema else "weights"
+    lines = [f"validation at step {result.step} ({weights}, {result.metrics.get('val/images', 0):.0f} images)",
+             f"{'tokens':>6} {'bits':>6} {'PSNR dB':>8} {'SSIM':>6} {'thumbnail PSNR dB':>18}"]
     for k in result.token_counts:
         bits = bits_per_image(k, codebook_size, token_dim)
         psnr = result.metrics.get(f"val/psnr@{k}", float("nan"))
         ssim = result.metrics.get(f"val/ssim@{k}", float("nan"))
         thumb = f"{baseline[k]:18.2f}" if k in baseline else f"{'-':>18}"
         lines.append(f"{k:>6} {bits:>6.0f} {psnr:>8.2f} {ssim:>6.3f} {thumb}")
-    lines.append(f"(EMA weights, {result.metrics.get('val/images', 0):.0f} validation images; thumbnail: the image shrunk to "
-                 f"the largest 8-bit RGB thumbnail that fits the bits, scaled back bicubically, on {baseline_images} of them)")
+    lines.append(f"thumbnail: each image shrunk to the largest 8-bit RGB thumbnail that fits the bits and scaled back "
+                 f"bicubically ({baseline_images} images)")
     if "val/usage" in result.metrics:
         lines.append(f"codebook usage {result.metrics['val/usage']:.1%}, perplexity {result.metrics.get('val/perplexity', float('nan')):.1f} "
                      f"at {result.token_counts[-1]} tokens")
-    lines.append(f"checkpoint: {result.checkpoint}")
+    best = f" (best: {result.best_psnr:.2f} dB at {result.token_counts[-1]} tokens)" if result.best_psnr is not None else ""
+    lines.append(f"checkpoint: {result.checkpoint}{best}")
+    if result.last_checkpoint is not None and result.last_checkpoint != result.checkpoint:
+        lines.append(f"last:       {result.last_checkpoint}")
     lines.append(f"grid:       {result.grid}")
-    lines.append(f"{result.step} steps in {result.seconds:.0f} s; run directory {result.run_dir}")
+    lines.append(f"run:        {result.run_dir} ({result.step} steps, {result.seconds:.0f} s)")
     return "\n".join(lines)
 
 
