@@ -501,3 +501,11 @@ def test_ddp_vector_quantizer_stays_identical_across_ranks(tmp_path):
     for _ in range(5):
         alone(torch.randn(3, 10, 4).abs())
     assert not torch.allclose(alone.codebook, rank0["ema"]["codes"])
+
+
+def test_fsq_stats_survive_nan_latents():
+    """A diverged encoder must reach the training loop's NaN check, not crash in the usage statistics."""
+    fsq = FSQ(levels=[8, 5, 5, 5])
+    out = fsq(torch.full((2, 4, 4), float("nan")))
+    assert torch.isnan(out.quantized).all()
+    assert 0.0 <= float(out.stats["usage"]) <= 1.0

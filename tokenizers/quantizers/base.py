@@ -37,7 +37,9 @@ def code_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, torch.Ten
     ``-(1/T) * sum_t log(n_t / T)``, so only per-token counts are needed. Nothing waits on the
     host: ``torch.bincount`` (which reads the maximum back on CUDA) is used on CPU only.
     """
-    flat = indices.reshape(-1)
+    # NaN latents turn into out-of-range indices (FSQ rounds NaN to a huge negative number); the
+    # statistics must not crash before the training loop's finiteness check names the step and losses.
+    flat = indices.reshape(-1).clamp(0, codebook_size - 1)
     total = flat.numel()
     if total == 0:
         zero = torch.zeros((), device=indices.device)
