@@ -1,75 +1,53 @@
-from vistok_cli import ensure_own_tokenizers
+"""Train a tokenizer: ``vistok train [experiment=NAME] [group=option ...] [key=value ...]``.
 
-ensure_own_tokenizers("train.py")  # before anything imports `tokenizers` (Hugging Face's has the same name)
+In a checkout, ``python train.py ...`` is the same command. With no arguments it runs the CPU demo
+(``experiment=demo``). The configuration is Hydra's, in the ``configs/`` folder that ships inside
+the package (``configs/train.yaml`` lists the settings, README.md shows examples). Your own
+option files (an ``experiment/my_run.yaml``, say) live in a folder of your own that Hydra adds to
+its search path: ``vistok train --config-dir ~/my-configs experiment=my_run``. Bad settings stop
+before training with one sentence on stderr and exit status 2.
+"""
+from __future__ import annotations
 
-# Train a tokenizer: python train.py [experiment=NAME] [group=option ...] [key=value ...]
-#
-# With no arguments this runs the CPU demo (experiment=demo). The configuration lives in configs/
-# (Hydra); configs/train.yaml lists the settings and README.md shows examples. Bad settings stop
-# before training with one sentence on stderr and exit status 2.
-import logging
 import sys
 from pathlib import Path
+
+if __name__ == "__main__":
+    # Python put this script's folder first on sys.path; in a checkout that folder holds
+    # tokenizers/, data/ and eval/, which would hide Hugging Face's `tokenizers` (and anything
+    # else named data or eval) from every import below. vistok comes from its installation.
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
+    try:
+        import vistok  # noqa: F401
+    except ModuleNotFoundError:
+        print("train.py: error: vistok is not installed in this Python environment; install it first "
+              "(pip install -e . in this folder, as README.md shows).", file=sys.stderr)
+        raise SystemExit(2) from None
+
+import logging
 
 import hydra
 from omegaconf import DictConfig
 
-from tokenizers.errors import VistokError
+from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.training.run import CONFIG_DIR, compose_problem
 
-PROG = "train.py"
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-# Config groups picked on the command line (quantizer=vq); hydra/launcher is left to Hydra.
-GROUPS = ("model", "quantizer", "data", "trainer", "logger", "callbacks", "experiment")
-
-
-def override_problem(argv: list[str]) -> str | None:
-    """One sentence for command-line overrides Hydra would refuse, or None.
-
-    Hydra reports a missing group option (quantizer=nope), a key that is not in the config or a
-    malformed override with several lines, a hint about HYDRA_FULL_ERROR and exit status 1;
-    composing the config here first keeps the project's rule (one sentence, exit status 2).
-    Runs with Hydra's own flags (-m, --cfg, ...) or sweeps are left to Hydra.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    if any(arg.startswith("-") for arg in argv):
-        return None
-    try:
-        overrides = OverridesParser.create().parse_overrides(argv)
-    except HydraException as error:
-        return _one_sentence(error)
-    for override in overrides:
-        if override.is_sweep_override():
-            return None
-        group = override.key_or_group
-        if group in GROUPS and not override.is_delete():
-            choice = override.get_value_element_as_str()
-            available = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-            if choice not in available:
-                return f"unknown {group} '{choice}'; choose one of {', '.join(available)} (files in configs/{group}/)."
-    try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            compose("train", overrides=argv)
-    except HydraException as error:
-        return _one_sentence(error)
-    return None
+# How this process was started: the command's name for error sentences (train.py or vistok train)
+# and the original sys.argv, which Lightning's DDP launcher replays to start the other ranks.
+_LAUNCH: dict = {"prog": "train.py", "argv": None}
 
 
-def _one_sentence(error: Exception) -> str:
-    lines = [line.strip().rstrip(".") for line in str(error).splitlines() if line.strip() and not line.startswith("See https")]
-    text = "; ".join(line[:1].lower() + line[1:] for line in lines[:2])
-    return text + "."
-
-
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def _train(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from tokenizers.module import TrainingDiverged
-    from tokenizers.training import run_training
+    from vistok.tokenizers.training.module import TrainingDiverged
+    from vistok.tokenizers.training.run import list_checkpoints, run_training
 
+    prog = _LAUNCH["prog"]
+    if _LAUNCH["argv"] is not None:
+        sys.argv = _LAUNCH["argv"]  # Hydra has read its overrides; the ranks restart as this process did
     # Hydra already logs to the console and train.log; the `lightning` package's own console
     # handler would print every Lightning message a second time.
     lightning_logger = logging.getLogger("lightning")
@@ -79,22 +57,32 @@ def main(cfg: DictConfig) -> None:
     try:
         result = run_training(cfg, run_dir)
     except VistokError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except TrainingDiverged as error:
-        from tokenizers.training import list_checkpoints
-
         kept = list_checkpoints(run_dir)
         where = f"the last good checkpoint is {kept[0]}" if kept else "no checkpoint had been written yet"
-        print(f"{PROG}: error: {error}; {where}.", file=sys.stderr)
+        print(f"{prog}: error: {error}; {where}.", file=sys.stderr)
         raise SystemExit(1) from None
     if result.table:
         print(result.table)
 
 
-if __name__ == "__main__":
-    problem = override_problem(sys.argv[1:])
+def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
+    """Check the overrides in ``argv`` (default: the command line), then train through Hydra.
+
+    Returns the exit status: 0 after training, 2 for settings refused before training.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    problem = compose_problem(argv)
     if problem is not None:
-        print(f"{PROG}: error: {problem}", file=sys.stderr)
-        raise SystemExit(2)
-    main()
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 2
+    _LAUNCH.update(prog=prog, argv=list(sys.argv))
+    sys.argv = [sys.argv[0], *argv]  # @hydra.main reads its overrides from sys.argv[1:]
+    _train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Throughput of the training stream: vistok's shard reader vs torchvision's ImageFolder.
 
-    python -m data.bench [--images 400] [--workers 2] [--batch-size 32] [--batches 40] [--repeats 3]
+    python -m vistok.data.bench [--images 400] [--workers 2] [--batch-size 32] [--batches 40] [--repeats 3]
 
 Makes ``--images`` ImageNet-like JPEGs (shorter side 300-500 px, quality 90, 4:2:0) from
 scikit-image's bundled photographs, stores them once as an ImageFolder tree and once as
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from PIL import Image, features
 
-from data.datamodule import make_train_loader
-from data.sample import SAMPLE_PHOTOS, load_photo
-from data.shards import write_shards
-from tokenizers.atomic import atomic_write_json
+from vistok.data.datamodule import make_train_loader
+from vistok.data.sample import SAMPLE_PHOTOS, load_photo
+from vistok.data.shards import write_shards
+from vistok.tokenizers.atomic import atomic_write_json
 
 
 def make_images(folder: Path, count: int, sides: tuple[int, int] = (300, 500), seed: int = 0) -> None:
@@ -127,7 +127,7 @@ def shard_loader(urls: list[str], args: argparse.Namespace, scale: tuple[float, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m data.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vistok.data.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=400, help="JPEGs to generate (default: 400)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for both (default: 2)")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from data.shards import INDEX_NAME, write_shards
+from vistok.data.shards import INDEX_NAME, write_shards
 
 
 def _positive(text: str) -> int:

@@ -35,9 +35,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from data.images import center_square, exif_orientation, load_rgb, open_image, resize_center_crop, to_rgb
-from data.shards import expand_shard_urls, find_image_field
-from tokenizers.errors import VistokError
+from vistok.data.images import center_square, exif_orientation, load_rgb, open_image, resize_center_crop, to_rgb
+from vistok.data.shards import expand_shard_urls, find_image_field
+from vistok.tokenizers.errors import VistokError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from tokenizers.errors import VistokError
+from vistok.tokenizers.errors import VistokError
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def iter_image_source(
 def _iter_pil(source: str, image_size: int | None) -> Iterator[tuple[str, Image.Image]]:
     source = str(source)
     if source == "sample":
-        from data.sample import sample_shard_urls
+        from vistok.data.sample import sample_shard_urls
 
         _, val_urls = sample_shard_urls(image_size or 256)
         yield from _iter_shards(val_urls, source)
@@ -223,7 +223,7 @@ def _iter_pil(source: str, image_size: int | None) -> Iterator[tuple[str, Image.
         yield path.stem, img
         return
     if _looks_like_shards(source) or any(ch in source for ch in "*?["):
-        from data.shards import expand_shard_urls
+        from vistok.data.shards import expand_shard_urls
 
         yield from _iter_shards(expand_shard_urls(source, setting="the image source"), source)
         return
@@ -239,7 +239,7 @@ def _iter_pil(source: str, image_size: int | None) -> Iterator[tuple[str, Image.
 
 
 def _iter_shards(urls: list[str], source: str) -> Iterator[tuple[str, Image.Image]]:
-    from data.shards import read_shard_samples
+    from vistok.data.shards import read_shard_samples
 
     for key, data in read_shard_samples(urls):
         try:

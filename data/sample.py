@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.datamodule import ShardDataModule
-from data.shards import EncodedSample, encode_image, write_samples
-from tokenizers.errors import VistokError
+from vistok.data.datamodule import ShardDataModule
+from vistok.data.shards import EncodedSample, encode_image, write_samples
+from vistok.tokenizers.errors import VistokError
 
 log = logging.getLogger(__name__)
 

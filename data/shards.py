@@ -10,7 +10,7 @@ outside letters, digits, ``_``, ``-`` and ``/`` replaced by ``_``, as webdataset
 name at its first dot; a clash gets the extension and then a number appended) and one member,
 the image (``.jpg`` or ``.png``). Storage rule: a JPEG source that needs no resizing and is
 upright is stored byte for byte (re-encoding a JPEG only adds loss); every other image is
-converted to RGB (see :func:`data.images.load_rgb`) and encoded as JPEG quality 95 with 4:4:4
+converted to RGB (see :func:`vistok.data.images.load_rgb`) and encoded as JPEG quality 95 with 4:4:4
 chroma (or PNG with ``image_format="png"``). Same input, same settings, same Pillow build ->
 byte-identical shards: files are processed in sorted order, tar headers have a fixed mtime and
 owner, and encoder settings are fixed. Every shard and the index are written to a temporary
@@ -33,9 +33,9 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data.images import IMAGE_EXTENSIONS, exif_orientation, list_images, open_image, resize_center_crop, to_rgb
-from tokenizers.atomic import atomic_write_json
-from tokenizers.errors import VistokError
+from vistok.data.images import IMAGE_EXTENSIONS, exif_orientation, list_images, open_image, resize_center_crop, to_rgb
+from vistok.tokenizers.atomic import atomic_write_json
+from vistok.tokenizers.errors import VistokError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from eval.metrics import psnr_per_image, round_8bit
+from vistok.eval.metrics import psnr_per_image, round_8bit
 
 CODECS = {"jpeg": "JPEG", "webp": "WEBP"}
 QUALITIES = range(1, 101)  # Pillow's quality scale for both codecs

@@ -1,4 +1,4 @@
-"""Speed and memory benchmark: ``python -m eval.bench``.
+"""Speed and memory benchmark: ``python -m vistok.eval.bench``.
 
 Measures, side by side in one run:
 
@@ -15,7 +15,7 @@ Measures, side by side in one run:
   count and codebook size, next to ``vector-quantize-pytorch``'s equivalent at equal settings
   (same tokens, codebook, dims, losses on), and the ratio. Optional: ``pip install -e ".[bench]"``.
   The two are timed in one process with their steps interleaved, so both see the same load.
-* ``data``: the data loader's images/s, through :mod:`data.bench`.
+* ``data``: the data loader's images/s, through :mod:`vistok.data.bench`.
 
 Timing: each case runs ``--warmup`` untimed steps (for training, the last of them records FLOPs,
 kernels and host syncs; compiled models get two more), then up to ``--repeats`` timed steps
@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from tokenizers.atomic import atomic_write_text
-from tokenizers.errors import VistokError
+from vistok.tokenizers.atomic import atomic_write_text
+from vistok.tokenizers.errors import VistokError
 
 # Dense bf16 tensor-core peaks, TFLOP/s (SXM parts; NVIDIA datasheets). Matched by substring of
 # torch.cuda.get_device_name(); anything else needs --peak-tflops for MFU.
@@ -256,18 +256,18 @@ def _parse_model(text: str) -> tuple[str, str]:
 def quantizer_config(kind: str, size: int, dim: int, levels: Sequence[int]) -> dict[str, Any]:
     """vistok's quantizer config for one benchmark case (losses on, as in training)."""
     if kind == "vq":
-        return {"_target_": "tokenizers.quantizers.VectorQuantizer", "dim": dim, "codebook_size": size,
+        return {"_target_": "vistok.tokenizers.quantizers.VectorQuantizer", "dim": dim, "codebook_size": size,
                 "commitment_weight": 0.25}
     if kind == "vq-ema":
-        return {"_target_": "tokenizers.quantizers.VectorQuantizer", "dim": dim, "codebook_size": size,
+        return {"_target_": "vistok.tokenizers.quantizers.VectorQuantizer", "dim": dim, "codebook_size": size,
                 "ema": True, "decay": 0.99, "commitment_weight": 0.25}
     if kind == "fsq":
-        return {"_target_": "tokenizers.quantizers.FSQ", "levels": list(levels)}
+        return {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": list(levels)}
     if kind == "lfq":
-        return {"_target_": "tokenizers.quantizers.LFQ", "dim": int(math.log2(size)), "entropy_weight": 0.1,
+        return {"_target_": "vistok.tokenizers.quantizers.LFQ", "dim": int(math.log2(size)), "entropy_weight": 0.1,
                 "commitment_weight": 0.25}
     if kind == "softvq":
-        return {"_target_": "tokenizers.quantizers.SoftVQ", "dim": dim, "codebook_size": size}
+        return {"_target_": "vistok.tokenizers.quantizers.SoftVQ", "dim": dim, "codebook_size": size}
     raise VistokError(f"unknown quantizer {kind!r}; use some of {', '.join(QUANTIZER_KINDS)}.")
 
 
@@ -323,7 +323,7 @@ def _device(name: str) -> torch.device:
 
 def bench_train(case: dict[str, Any]) -> dict[str, Any]:
     """One training step of a tokenizer: forward (bf16 autocast on CUDA) + backward + AdamW."""
-    from tokenizers.model import build_tokenizer
+    from vistok.tokenizers.model import build_tokenizer
 
     device, precision = _device(case["device"]), case["precision"]
     arch, preset = case["arch"], case["preset"]
@@ -386,8 +386,8 @@ def bench_train(case: dict[str, Any]) -> dict[str, Any]:
 
 def bench_codec(case: dict[str, Any]) -> dict[str, Any]:
     """encode / decode images/s and all-prefix decoding (inference mode, autocast on CUDA)."""
-    from eval.rate_distortion import decode_prefixes
-    from tokenizers.model import build_tokenizer
+    from vistok.eval.rate_distortion import decode_prefixes
+    from vistok.tokenizers.model import build_tokenizer
 
     device, precision = _device(case["device"]), case["precision"]
     arch, preset, batch, size = case["arch"], case["preset"], case["batch"], case["image_size"]
@@ -431,7 +431,7 @@ def _quantizer_step(case: dict[str, Any], impl: str) -> tuple[torch.nn.Module, C
     device = _device(case["device"])
     kind, size, levels = case["kind"], case["size"], case["levels"]
     if impl == "vistok":
-        from tokenizers.quantizers import build_quantizer
+        from vistok.tokenizers.quantizers import build_quantizer
 
         module = build_quantizer(quantizer_config(kind, size, case["dim"], levels))
     else:
@@ -535,13 +535,13 @@ def _quantize(module: torch.nn.Module, latents: torch.Tensor, impl: str) -> tupl
 
 
 def bench_data(case: dict[str, Any]) -> dict[str, Any]:
-    """The training stream's images/s, measured by the data developer's :mod:`data.bench`.
+    """The training stream's images/s, measured by the data developer's :mod:`vistok.data.bench`.
 
     It makes JPEGs from the bundled photographs, writes them as shards and as an ImageFolder
     tree, and times vistok's shard loader next to torchvision's ImageFolder loader (random
     resized crops at the benchmark's resolution). Its own printout goes to stderr.
     """
-    from data import bench as data_bench
+    from vistok.data import bench as data_bench
 
     settings = case["settings"]
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
@@ -598,9 +598,9 @@ def _forkserver() -> multiprocessing.context.BaseContext:
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = multiprocessing.get_context("forkserver")
-        # (not eval.bench itself: the child re-runs the main module by name, which runpy warns
+        # (not vistok.eval.bench itself: the child re-runs the main module by name, which runpy warns
         # about when that module is already imported)
-        _CONTEXT.set_forkserver_preload(["torch", "timm", "tokenizers.model", "tokenizers.quantizers"])
+        _CONTEXT.set_forkserver_preload(["torch", "timm", "vistok.tokenizers.model", "vistok.tokenizers.quantizers"])
     return _CONTEXT
 
 
@@ -610,7 +610,7 @@ def run_isolated(case: dict[str, Any], memory_limit_bytes: int | None) -> dict[s
     The machine is shared, so a case that would exhaust memory is stopped rather than left to
     the kernel's OOM killer.
     """
-    from eval import bench as module  # by its import name: under ``-m`` this file is __main__
+    from vistok.eval import bench as module  # by its import name: under ``-m`` this file is __main__
 
     context = _forkserver()
     receive, send = context.Pipe(duplex=False)
@@ -885,7 +885,7 @@ def format_report(report: dict[str, Any]) -> str:
             parts.append("Data loader\nerror: " + data["error"])
         else:
             d = data["settings"]
-            parts.append(f"Data loader (data.bench: {d['workers']} workers, batch {d['batch_size']}, random resized "
+            parts.append(f"Data loader (vistok.data.bench: {d['workers']} workers, batch {d['batch_size']}, random resized "
                          f"crops to {d['image_size']} px from ~400 px JPEGs; medians of {d['repeats']} runs)\n" + _table(
                              ["reader", "img/s (whole run)", "img/s (after first batch)"],
                              [["vistok shards", _fmt(data["images_per_s"], ".1f"), _fmt(data["steady_images_per_s"], ".1f")],
@@ -923,7 +923,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m eval.bench", description=__doc__.split("\n\n")[0],
+        prog="python -m vistok.eval.bench", description=__doc__.split("\n\n")[0],
         epilog="Defaults depend on the device: a CPU run is sized to finish in minutes on a laptop-class machine; "
                "on CUDA batch 32 at 256 px.")
     parser.add_argument("--sections", type=_csv(str), default=["train", "codec", "quantizers", "data"],
@@ -1048,7 +1048,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = resolve_arguments(args)
         plan = build_plan(args, device)
     except VistokError as error:
-        print(f"python -m eval.bench: error: {error}", file=sys.stderr)
+        print(f"python -m vistok.eval.bench: error: {error}", file=sys.stderr)
         return 2
     cuda = device.type == "cuda"
     if cuda:
@@ -1077,14 +1077,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = [{**c, "reference": False} if c["section"] == "quantizer" else c for c in plan]
     if "data" in args.sections:
         try:
-            from data import bench as _data_bench  # noqa: F401
+            from vistok.data import bench as _data_bench  # noqa: F401
         except ImportError as error:
-            notes.append(f"data loader section skipped: data.bench is not importable ({error})")
+            notes.append(f"data loader section skipped: vistok.data.bench is not importable ({error})")
             plan = [c for c in plan if c["section"] != "data"]
 
     device_name = torch.cuda.get_device_name(device) if cuda else f"{_cpu_name()}, {os.cpu_count()} cores"
     meta = {
-        "command": "python -m eval.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m vistok.eval.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": str(device), "device_name": device_name, "cpu_count": os.cpu_count(),
         "threads": threads, "load_average_at_start": load, "torch": torch.__version__,
         "python": platform.python_version(),

@@ -1,10 +1,10 @@
-"""`vistok score`: a thin layer over :mod:`eval.score`."""
+"""`vistok score`: a thin layer over :mod:`vistok.eval.score`."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from tokenizers.errors import VistokError
+from vistok.tokenizers.errors import VistokError
 
 EPILOG = """examples:
   vistok score runs/tok/export sample --limit 256
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def _codecs(value: str) -> tuple[str, ...]:
-    from eval.baselines import CODECS
+    from vistok.eval.baselines import CODECS
 
     names = tuple(n.strip().lower() for n in value.split(",") if n.strip())
     if names in ((), ("none",)):
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise VistokError("pass a TOKENIZER (exported directory or .ckpt) and DATA (image folder, shards or 'sample'), "
                           "or --reference DIR --reconstructions DIR.")
 
-    from eval.score import resolve_device, score_folders, score_tokenizer, summary
+    from vistok.eval.score import resolve_device, score_folders, score_tokenizer, summary
 
     resolve_device(args.device)  # before any loading: a missing GPU is the first thing to hear about
     common = dict(limit=args.limit, batch_size=args.batch_size, device=args.device, inception_weights=args.inception_weights,

@@ -37,7 +37,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from tokenizers.errors import VistokError
+from vistok.tokenizers.errors import VistokError
 
 # torch-fidelity downloads to this name; pytorch-fid's copy of the same converted weights (the
 # sha256 prefix in both names agrees) is accepted too.

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from tokenizers.atomic import atomic_path  # noqa: E402
+from vistok.tokenizers.atomic import atomic_path  # noqa: E402
 
 QUALITY_METRICS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS (lower is better)"), ("rfid", "rFID (lower is better)"))
 

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from eval.baselines import CODECS, codec_at_bytes
-from eval.metrics import ReconstructionEvaluator, bits_per_image, bits_per_token, psnr_per_image
-from tokenizers.errors import VistokError
+from vistok.eval.baselines import CODECS, codec_at_bytes
+from vistok.eval.metrics import ReconstructionEvaluator, bits_per_image, bits_per_token, psnr_per_image
+from vistok.tokenizers.errors import VistokError
 
 
 def default_token_counts(max_tokens: int) -> list[int]:
@@ -164,7 +164,7 @@ def rate_distortion(tokenizer: Any, batches: Iterable[Tensor], token_counts: Seq
 
     batches: iterable of (B, 3, S, S) float images in [0, 1], S = tokenizer.image_size.
     token_counts: default :func:`default_token_counts`. inception / lpips: networks from
-    :func:`eval.metrics.load_inception` / :func:`eval.metrics.load_lpips` (None skips the metric).
+    :func:`vistok.eval.metrics.load_inception` / :func:`vistok.eval.metrics.load_lpips` (None skips the metric).
     target_psnr: also run :func:`choose_lengths` on every image. on_batch(n_images) is called
     after each batch (progress bars). Codecs get PSNR, SSIM and LPIPS; the tokenizer also rFID
     and, for discrete tokens, codebook usage and perplexity.

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers.atomic import atomic_write_text
+from vistok.tokenizers.atomic import atomic_write_text
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -2,7 +2,7 @@
 
 :func:`score_tokenizer` loads the images (resized to the tokenizer's resolution by the shared
 rule: shorter side to S, bicubic, centre crop; or refused with ``resize=False`` when they are
-not S x S), runs :func:`eval.rate_distortion.rate_distortion` and writes into ``out_dir``:
+not S x S), runs :func:`vistok.eval.rate_distortion.rate_distortion` and writes into ``out_dir``:
 
 - ``report.json``: settings, protocol, one row per (method, token count), adaptive-length summary, notes;
 - ``rate_distortion.csv``: the rows;
@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from data.images import list_images, load_rgb, resize_center_crop, to_tensor
-from eval.metrics import ReconstructionEvaluator, bits_per_token, load_networks
-from eval.plots import plot_rate_distortion, save_reconstruction_grid
-from eval.rate_distortion import ROW_FIELDS, parse_token_counts, rate_distortion
-from eval.report import format_table, write_csv, write_json
-from tokenizers.errors import VistokError
+from vistok.data.images import list_images, load_rgb, resize_center_crop, to_tensor
+from vistok.eval.metrics import ReconstructionEvaluator, bits_per_token, load_networks
+from vistok.eval.plots import plot_rate_distortion, save_reconstruction_grid
+from vistok.eval.rate_distortion import ROW_FIELDS, parse_token_counts, rate_distortion
+from vistok.eval.report import format_table, write_csv, write_json
+from vistok.tokenizers.errors import VistokError
 
 PROTOCOL = {
     "rounding": "originals and reconstructions rounded to 8 bits (round(x*255)) before every metric",
@@ -72,7 +72,7 @@ def _check_positive(name: str, value: Any, kind: type = int) -> None:
 def sized_images(source: str, image_size: int, limit: int | None, resize: bool) -> Iterator[tuple[str, Tensor]]:
     """(name, (3, S, S) float [0, 1]) from ``source``; resized and centre-cropped to S unless ``resize`` is False,
     in which case an image of another size is refused with a VistokError naming it."""
-    from data.images import iter_image_source
+    from vistok.data.images import iter_image_source
 
     for name, image in iter_image_source(source, image_size if resize else None, limit):
         if tuple(image.shape[1:]) != (image_size, image_size):
@@ -133,7 +133,7 @@ def score_tokenizer(tokenizer: Any | str | os.PathLike, data: str, token_counts:
     device = resolve_device(device)
     source_label = str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else type(tokenizer).__name__
     if isinstance(tokenizer, (str, os.PathLike)):
-        from tokenizers.export import load
+        from vistok.tokenizers.export import load
 
         tokenizer = load(tokenizer)
     counts = parse_token_counts(token_counts, tokenizer.max_tokens)

@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark script (``python -m eval.bench``) at the tiniest sizes.
+"""Smoke tests of the benchmark script (``python -m vistok.eval.bench``) at the tiniest sizes.
 
 They check that it runs and writes the JSON it promises; they never assert on time (the
 machines are shared and noisy: speed is what the script reports, not what tests check).
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from eval import bench
+from vistok.eval import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def test_missing_reference_is_said_and_ours_still_measured(tmp_path, monkeypatch
 def test_script_isolates_cases_and_rejects_bad_input(tmp_path):
     """Via ``python -m``: on CPU each case runs in a fresh process whose peak RSS is read."""
     out = tmp_path / "sub" / "bench.json"
-    done = subprocess.run([sys.executable, "-m", "eval.bench", "--sections", "quantizers", "--quantizers", "fsq",
+    done = subprocess.run([sys.executable, "-m", "vistok.eval.bench", "--sections", "quantizers", "--quantizers", "fsq",
                            "--no-reference", "--output", str(out), *TINY],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
@@ -94,7 +94,7 @@ def test_script_isolates_cases_and_rejects_bad_input(tmp_path):
     assert isinstance(row["peak_memory_bytes"], int) and row["peak_memory_bytes"] >= 0
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # atomic write left no temporary file
 
-    bad = subprocess.run([sys.executable, "-m", "eval.bench", "--sections", "train,nope", "--output",
+    bad = subprocess.run([sys.executable, "-m", "vistok.eval.bench", "--sections", "train,nope", "--output",
                           str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2
     assert "error: unknown section(s) nope" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,34 +1,19 @@
-"""The command line's skeleton and the guard against Hugging Face's ``tokenizers`` shadowing ours."""
+"""The command line's skeleton: `vistok`, `python -m vistok`, and `vistok train` beside `python train.py`."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-import vistok_cli
+import vistok.cli as vistok_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fake_tokenizers(tmp_path: Path) -> Path:
-    """A directory holding a package named ``tokenizers`` that is not ours (as HF's would be)."""
-    fake = tmp_path / "site" / "tokenizers"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise RuntimeError('the shadowing package must never be imported')\n")
-    return fake.parent
-
-
-def _run(args: list[str], tmp_path: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-        # A script's own folder normally comes first on sys.path, which would hide the shadowing
-        # for train.py; safe-path mode (as some sites set) leaves the order to PYTHONPATH.
-        env["PYTHONSAFEPATH"] = "1"
-    return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -36,7 +21,7 @@ def test_help_lists_every_subcommand(capsys):
         vistok_cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for name in ("shards", "export", "encode", "decode", "info", "score"):
+    for name in ("train", "shards", "export", "encode", "decode", "info", "score"):
         assert name in out
 
 
@@ -45,29 +30,38 @@ def test_no_command_prints_help(capsys):
     assert "COMMAND" in capsys.readouterr().out
 
 
-def test_own_tokenizers_resolves_here():
-    assert vistok_cli.tokenizers_shadow_message() is None
-
-
-def test_console_script_runs(tmp_path):
-    result = _run([sys.executable, "-m", "vistok_cli", "--version"], tmp_path)
+def test_module_entry_point_prints_the_version(tmp_path):
+    result = _run([sys.executable, "-m", "vistok", "--version"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("vistok ")
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="PYTHONSAFEPATH needs Python 3.11")
-@pytest.mark.parametrize("entry", ["vistok", "train.py"])
-def test_shadowed_tokenizers_exits_2_with_one_sentence(tmp_path, entry):
-    site = _fake_tokenizers(tmp_path)
-    if entry == "vistok":
-        args = [sys.executable, "-m", "vistok_cli", "--help"]
-    else:
-        args = [sys.executable, str(ROOT / "train.py"), "--help"]
-    result = _run(args, tmp_path, pythonpath=site)
+@pytest.mark.parametrize("entry", ["vistok train", "train.py"])
+def test_both_training_entry_points_refuse_bad_settings_alike(tmp_path, entry):
+    """`vistok train` (from any folder) and the checkout's `python train.py` run the same checks."""
+    command = [sys.executable, "-m", "vistok", "train"] if entry == "vistok train" else [sys.executable, str(ROOT / "train.py")]
+    result = _run([*command, "quantizer=nope"], tmp_path)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1
-    assert str(site / "tokenizers") in lines[0]
-    assert "virtual environment" in lines[0]
-    assert "shadowing package must never be imported" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"{entry}: error: unknown quantizer 'nope'; choose one of fsq, lfq, soft, vq (files in configs/quantizer/)."
+    ]
+
+
+def test_train_py_does_not_put_the_checkout_on_the_import_path(tmp_path):
+    """Run as a script, train.py drops its own folder from sys.path, so `import tokenizers` there can
+    only find an installed package (Hugging Face's), never the checkout's tokenizers/ folder."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import runpy, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})  # where Python puts a script's own folder\n"
+        f"sys.argv = [{str(ROOT / 'train.py')!r}, '--config-dir', '/nonexistent']\n"
+        "try:\n"
+        f"    runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print('root on path:', any(p and __import__('os').path.realpath(p) == {str(ROOT)!r} for p in sys.path))\n"
+    )
+    result = _run([sys.executable, str(probe)], ROOT)
+    assert "root on path: False" in result.stdout, (result.stdout, result.stderr)
+    assert "--config-dir /nonexistent is not a folder" in result.stderr

@@ -19,9 +19,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-import vistok_cli
-from data import sample as sample_mod
-from data.datamodule import (
+import vistok.cli as vistok_cli
+from vistok.data import sample as sample_mod
+from vistok.data.datamodule import (
     EpochResampledShards,
     SharedEpoch,
     ShardDataModule,
@@ -32,10 +32,10 @@ from data.datamodule import (
     random_resized_box,
     split_by_rank,
 )
-from data.images import iter_image_source, list_images, load_rgb, resize_center_crop, to_pil, to_tensor
-from data.sample import VAL_PHOTOS, SampleDataModule, build_sample_shards, sample_shard_urls
-from data.shards import encode_image, expand_shard_urls, read_index, write_shards
-from tokenizers.errors import VistokError
+from vistok.data.images import iter_image_source, list_images, load_rgb, resize_center_crop, to_pil, to_tensor
+from vistok.data.sample import VAL_PHOTOS, SampleDataModule, build_sample_shards, sample_shard_urls
+from vistok.data.shards import encode_image, expand_shard_urls, read_index, write_shards
+from vistok.tokenizers.errors import VistokError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -524,7 +524,7 @@ def test_vistok_shards_command(tmp_path, capsys):
 
 def test_vistok_shards_missing_source_has_no_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "vistok_cli", "shards", str(tmp_path / "missing"), str(tmp_path / "out")],
+        [sys.executable, "-m", "vistok", "shards", str(tmp_path / "missing"), str(tmp_path / "out")],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert result.returncode == 2

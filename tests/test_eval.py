@@ -21,9 +21,9 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-import vistok_cli
-from eval import baselines, metrics
-from eval.metrics import (
+import vistok.cli as vistok_cli
+from vistok.eval import baselines, metrics
+from vistok.eval.metrics import (
     CodebookUsage,
     FIDInceptionV3,
     MeanPSNR,
@@ -33,8 +33,8 @@ from eval.metrics import (
     frechet_distance,
     psnr_per_image,
 )
-from eval.rate_distortion import adaptive_lengths, choose_lengths, decode_prefixes, default_token_counts, parse_token_counts, rate_distortion
-from tokenizers.errors import VistokError
+from vistok.eval.rate_distortion import adaptive_lengths, choose_lengths, decode_prefixes, default_token_counts, parse_token_counts, rate_distortion
+from vistok.tokenizers.errors import VistokError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def inception64() -> FIDInceptionV3:
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
-    from tokenizers.model import build_tokenizer
+    from vistok.tokenizers.model import build_tokenizer
 
     torch.manual_seed(0)
     return build_tokenizer(image_size=16, num_tokens=8).eval()
@@ -498,7 +498,7 @@ def test_every_bad_input_gets_one_sentence_and_status_2(tmp_path, tiny_ckpt, ima
 
 def test_bad_input_in_a_subprocess_has_no_traceback(tmp_path, tiny_ckpt, image_folder):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-m", "vistok_cli", "score", str(tiny_ckpt), str(image_folder),
+    result = subprocess.run([sys.executable, "-m", "vistok", "score", str(tiny_ckpt), str(image_folder),
                              "--num-tokens", "64"], capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

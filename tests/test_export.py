@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import tokenizers
-import vistok_cli
-from data.images import iter_image_source, to_pil
-from tokenizers.errors import VistokError
-from tokenizers.export import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, export_checkpoint, load, load_with_metadata
-from tokenizers.model import build_tokenizer
+import vistok
+import vistok.cli as vistok_cli
+from vistok.data.images import iter_image_source, to_pil
+from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.export import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, export_checkpoint, load, load_with_metadata
+from vistok.tokenizers.model import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "arch": "titok", "preset": "tiny", "image_size": 16, "num_tokens": 8, "patch_size": 4,
     "width": 32, "depth": 1, "heads": 2,
-    "quantizer": {"_target_": "tokenizers.quantizers.FSQ", "levels": [5, 5, 5]},
+    "quantizer": {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [5, 5, 5]},
     "token_dropout": {"p": 1.0},
 }
 
@@ -55,7 +55,7 @@ def ckpt(tmp_path_factory) -> Run:
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    from tokenizers.module import TokenizerModule
+    from vistok.tokenizers.training.module import TokenizerModule
 
     torch.manual_seed(0)
     batches = [{"image": torch.rand(3, 16, 16)} for _ in range(8)]
@@ -123,7 +123,7 @@ def test_export_then_load_is_bit_identical_to_the_ema_model(ckpt, exported):
     # Only the tokenizer: no discriminator, loss or optimizer state.
     assert set(load_file(exported / WEIGHTS_FILE)) == set(ckpt.ema) == set(ckpt.ema_model.state_dict())
 
-    tokenizer = tokenizers.load(exported)
+    tokenizer = vistok.load(exported)
     assert not tokenizer.training
     x = images()
     with torch.no_grad():
@@ -215,7 +215,7 @@ def test_export_without_ema_weights_asks_for_no_ema(tmp_path):
 
 def test_soft_tokens_round_trip_through_the_command_line(image_folder, tmp_path, capsys):
     """SoftVQ: (N, k, D) float codes in the .npz, decoded PNGs equal to the Python API's."""
-    model = build_tokenizer(**{**TINY, "quantizer": {"_target_": "tokenizers.quantizers.SoftVQ", "dim": 4, "codebook_size": 16}})
+    model = build_tokenizer(**{**TINY, "quantizer": {"_target_": "vistok.tokenizers.quantizers.SoftVQ", "dim": 4, "codebook_size": 16}})
     torch.save({"state_dict": {f"tokenizer.{k}": v for k, v in model.state_dict().items()},
                 "ema_state_dict": model.state_dict(), "hyper_parameters": {"tokenizer": model.config}},
                tmp_path / "soft.ckpt")
@@ -319,7 +319,7 @@ def test_a_corrupted_or_foreign_checkpoint_is_refused(ckpt, tmp_path, capsys):
 def test_errors_reach_the_shell_as_one_line_without_traceback(exported, tmp_path):
     future = copy_export(exported, tmp_path)
     _edit_config(future, lambda c: c.update(format_version=2))
-    result = subprocess.run([sys.executable, "-m", "vistok_cli", "info", str(future)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "vistok", "info", str(future)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -403,7 +403,7 @@ def test_info_prints_the_config_and_metrics(exported, ckpt, capsys):
 
 
 def test_png_names_stay_inside_the_output_directory():
-    from tokenizers.cli import png_paths
+    from vistok.tokenizers.cli import png_paths
 
     paths = [p.as_posix() for p in png_paths(["../../etc/x.jpg", "/abs/y.png", "a.jpg", "a.png", "key0001"])]
     assert paths == ["_/_/etc/x.png", "abs/y.png", "a.jpg.png", "a.png.png", "key0001.png"]

@@ -12,15 +12,15 @@ import torch
 import torch.nn.functional as F
 from timm.layers.attention import Attention
 
-from tokenizers.errors import VistokError
-from tokenizers.model import PRESETS, ImageTokenizer, build_tokenizer
-from tokenizers.token_dropout import TailTokenDropout, pad_with_mask_token
+from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.model import PRESETS, ImageTokenizer, build_tokenizer
+from vistok.tokenizers.token_dropout import TailTokenDropout, pad_with_mask_token
 
 QUANTIZERS = {
-    "fsq": {"_target_": "tokenizers.quantizers.FSQ", "levels": [5, 5, 5]},
-    "vq": {"_target_": "tokenizers.quantizers.VectorQuantizer", "dim": 4, "codebook_size": 32},
-    "lfq": {"_target_": "tokenizers.quantizers.LFQ", "dim": 4},
-    "softvq": {"_target_": "tokenizers.quantizers.SoftVQ", "dim": 4, "codebook_size": 16},
+    "fsq": {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [5, 5, 5]},
+    "vq": {"_target_": "vistok.tokenizers.quantizers.VectorQuantizer", "dim": 4, "codebook_size": 32},
+    "lfq": {"_target_": "vistok.tokenizers.quantizers.LFQ", "dim": 4},
+    "softvq": {"_target_": "vistok.tokenizers.quantizers.SoftVQ", "dim": 4, "codebook_size": 16},
 }
 # 1D: 16 px, 4x4 patches of 4 px, K = 8 tokens. 2D: 16 px, downsample 4, K = 4x4 = 16 tokens.
 TINY = {

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from tokenizers.errors import VistokError
-from tokenizers.quantizers import (
+from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.quantizers import (
     FSQ,
     LFQ,
     Quantizer,
@@ -27,7 +27,7 @@ from tokenizers.quantizers import (
     build_quantizer,
     code_stats,
 )
-from tokenizers.quantizers.lfq import binary_entropy, codebook_entropy
+from vistok.tokenizers.quantizers.lfq import binary_entropy, codebook_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -266,7 +266,7 @@ LFQ_MEMORY_CHILD = textwrap.dedent(
     """
     import json, resource, sys
     import torch
-    from tokenizers.quantizers import LFQ
+    from vistok.tokenizers.quantizers import LFQ
     torch.manual_seed(0)
     torch.set_num_threads(1)
     bits, tokens = int(sys.argv[1]), int(sys.argv[2])
@@ -353,7 +353,7 @@ def test_code_stats_matches_histogram():
 def test_config_round_trip(name):
     quantizer = FACTORIES[name]()
     config = json.loads(json.dumps(quantizer.get_config()))
-    assert config["_target_"] == f"tokenizers.quantizers.{type(quantizer).__name__}"
+    assert config["_target_"] == f"vistok.tokenizers.quantizers.{type(quantizer).__name__}"
     rebuilt = build_quantizer(config)
     assert type(rebuilt) is type(quantizer) and rebuilt.get_config() == quantizer.get_config()
     state = quantizer.state_dict()
@@ -367,16 +367,16 @@ def test_config_round_trip(name):
 
 
 def test_build_quantizer_rejects_unknown_targets_and_arguments():
-    fsq = build_quantizer({"_target_": "tokenizers.quantizers.fsq.FSQ", "levels": [4, 4]})
+    fsq = build_quantizer({"_target_": "vistok.tokenizers.quantizers.fsq.FSQ", "levels": [4, 4]})
     assert fsq.codebook_size == 16
     for config in (
         {"_target_": "os.system", "command": "true"},
-        {"_target_": "tokenizers.quantizers.Nope"},
+        {"_target_": "vistok.tokenizers.quantizers.Nope"},
         {"levels": [4, 4]},
-        {"_target_": "tokenizers.quantizers.FSQ", "levels": [4, 4], "colour": "red"},
-        {"_target_": "tokenizers.quantizers.FSQ", "levels": [1, 4]},
-        {"_target_": "tokenizers.quantizers.SoftVQ", "dim": 4, "codebook_size": 8, "similarity": "dot"},
-        {"_target_": "tokenizers.quantizers.LFQ", "dim": 40},
+        {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [4, 4], "colour": "red"},
+        {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [1, 4]},
+        {"_target_": "vistok.tokenizers.quantizers.SoftVQ", "dim": 4, "codebook_size": 8, "similarity": "dot"},
+        {"_target_": "vistok.tokenizers.quantizers.LFQ", "dim": 40},
     ):
         with pytest.raises(VistokError):
             build_quantizer(config)

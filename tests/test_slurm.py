@@ -270,7 +270,7 @@ def test_sbatch_refuses_a_wrong_allocation_with_one_sentence(tmp_path, change, m
 def test_slurm_support_only_under_srun(monkeypatch):
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from tokenizers.slurm import SlurmRequeue, slurm_support
+    from vistok.tokenizers.training.slurm import SlurmRequeue, slurm_support
 
     for name in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(name)
@@ -286,7 +286,7 @@ def test_slurm_support_only_under_srun(monkeypatch):
 
 
 def test_next_hpc_checkpoint_ignores_temporary_files(tmp_path):
-    from tokenizers.slurm import next_hpc_checkpoint
+    from vistok.tokenizers.training.slurm import next_hpc_checkpoint
 
     assert next_hpc_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
     for name in ("hpc_ckpt_1.ckpt", "hpc_ckpt_3.ckpt", ".hpc_ckpt_4.ckpt.x81k2.tmp", "last.ckpt"):
@@ -301,7 +301,7 @@ def test_requeue_callback_in_one_process(tmp_path, monkeypatch, scontrol_status)
     import lightning.pytorch as pl
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from tokenizers.slurm import Requeued, SlurmRequeue
+    from vistok.tokenizers.training.slurm import Requeued, SlurmRequeue
 
     calls = tmp_path / "scontrol.calls"
     fake = tmp_path / "bin" / "scontrol"
@@ -464,7 +464,7 @@ def test_submitit_sweep_checkpoints_requeues_and_resumes(tmp_path):
         assert _checkpoint(sweep / job / "checkpoints" / "last.ckpt")["global_step"] == SWEEP_MAX_STEPS
     quantizers = [_checkpoint(sweep / job / "checkpoints" / "last.ckpt")["hyper_parameters"]["tokenizer"]["quantizer"]["_target_"]
                   for job in ("0", "1")]
-    assert quantizers == ["tokenizers.quantizers.FSQ", "tokenizers.quantizers.LFQ"]
+    assert quantizers == ["vistok.tokenizers.quantizers.FSQ", "vistok.tokenizers.quantizers.LFQ"]
 
 
 # ================================================================================================

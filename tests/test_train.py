@@ -17,11 +17,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from tokenizers.callbacks import AtomicCheckpointIO
-from tokenizers.errors import VistokError
-from tokenizers.model import build_tokenizer
-from tokenizers.module import TrainingDiverged
-from tokenizers.training import CONFIG_DIR, list_checkpoints, resolve_resume, run_training
+from vistok.tokenizers.training.callbacks import AtomicCheckpointIO
+from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.model import build_tokenizer
+from vistok.tokenizers.training.module import TrainingDiverged
+from vistok.tokenizers.training.run import CONFIG_DIR, list_checkpoints, resolve_resume, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def assert_same_optimizer_state(a: dict, b: dict) -> None:
 
 def run_with(cfg, run_dir: Path, *callbacks: pl.Callback):
     """run_training with extra callbacks appended (tests observe or interrupt the run)."""
-    from tokenizers import training
+    from vistok.tokenizers.training import run as training
 
     original = training.build_callbacks
 
@@ -158,7 +158,7 @@ def test_fsq_fit_writes_run_directory(fsq_run):
 def test_checkpoint_has_contract_keys_and_loads_weights_only(fsq_run):
     ckpt = torch.load(fsq_run.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     config = ckpt["hyper_parameters"]["tokenizer"]
-    assert type(config) is dict and config["quantizer"]["_target_"] == "tokenizers.quantizers.FSQ"
+    assert type(config) is dict and config["quantizer"]["_target_"] == "vistok.tokenizers.quantizers.FSQ"
     tokenizer = build_tokenizer(**config)
     raw = {k[len("tokenizer."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("tokenizer.")}
     assert raw.keys() == tokenizer.state_dict().keys()

@@ -1,4 +1,4 @@
-"""`vistok export | encode | decode | info`: thin commands over tokenizers.export.
+"""`vistok export | encode | decode | info`: thin commands over vistok.tokenizers.export.
 
 export  CKPT OUT_DIR [--no-ema] [--force]
         a training checkpoint -> OUT_DIR/{model.safetensors, config.json, README.md}
@@ -11,7 +11,7 @@ info    TOKENIZER [--json]
 
 TOKENIZER is an exported directory or a training .ckpt. Every file is written under a temporary
 name in its destination directory and renamed, so an interrupted command leaves nothing
-half-written. Bad input raises VistokError, which vistok_cli prints as one sentence (exit 2).
+half-written. Bad input raises VistokError, which the `vistok` command prints as one sentence (exit 2).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tokenizers.atomic import atomic_write
-from tokenizers.errors import VistokError
+from vistok.tokenizers.atomic import atomic_write
+from vistok.tokenizers.errors import VistokError
 
 NPZ_FORMAT = "vistok-tokens"
 NPZ_FORMAT_VERSION = 1
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--out", required=True, metavar="DIR", help="directory for the PNGs (created if needed)")
         parser.add_argument("--num-tokens", type=int, default=None, metavar="K", help="decode only the first K tokens of each image (a prefix)")
     else:
-        raise ValueError(f"tokenizers.cli has no command {command!r}")
+        raise ValueError(f"vistok.tokenizers.cli has no command {command!r}")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--device", default="auto", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
 
@@ -99,7 +99,7 @@ def _check_num_tokens(k: int | None, max_tokens: int) -> None:
 
 def _count_images(sources: list[str]) -> int | None:
     """How many images the sources hold when that is cheap to know (local files and folders), else None."""
-    from data.images import IMAGE_EXTENSIONS, list_images
+    from vistok.data.images import IMAGE_EXTENSIONS, list_images
 
     total = 0
     for source in sources:
@@ -118,7 +118,7 @@ def _count_images(sources: list[str]) -> int | None:
 
 def _iter_images(sources: list[str], image_size: int) -> Iterator[tuple[str, Any]]:
     """(name, (3, H, W) float [0, 1]) for every image of every source, refusing duplicate names."""
-    from data.images import iter_image_source
+    from vistok.data.images import iter_image_source
 
     seen: dict[str, str] = {}
     for source in sources:
@@ -141,7 +141,7 @@ def png_paths(names: list[str]) -> list[PurePosixPath]:
     "..") is neutralised. When two names would give the same PNG (a.jpg and a.png), both keep
     their full name (a.jpg.png, a.png.png).
     """
-    from data.images import IMAGE_EXTENSIONS
+    from vistok.data.images import IMAGE_EXTENSIONS
 
     def parts(name: str) -> list[str]:
         pieces = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
@@ -190,7 +190,7 @@ def _read_tokens(path: Path) -> dict[str, Any]:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tokenizers.export import CONFIG_FILE, export_checkpoint
+    from vistok.tokenizers.export import CONFIG_FILE, export_checkpoint
 
     out_dir = export_checkpoint(args.checkpoint, args.out_dir, use_ema=args.use_ema, force=args.force)
     config = json.loads((out_dir / CONFIG_FILE).read_text())
@@ -207,7 +207,7 @@ def _encode(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from tokenizers.export import load_with_metadata, vistok_version
+    from vistok.tokenizers.export import load_with_metadata, vistok_version
 
     _check_batch_size(args.batch_size)
     loaded = load_with_metadata(args.tokenizer)
@@ -280,8 +280,8 @@ def _decode(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from data.images import to_pil
-    from tokenizers.export import load_with_metadata
+    from vistok.data.images import to_pil
+    from vistok.tokenizers.export import load_with_metadata
 
     _check_batch_size(args.batch_size)
     path = Path(args.tokens)
@@ -336,7 +336,7 @@ def _decode(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from tokenizers.export import load_with_metadata
+    from vistok.tokenizers.export import load_with_metadata
 
     loaded = load_with_metadata(args.tokenizer)
     config = loaded.config

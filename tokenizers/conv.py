@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizers.token_dropout import pad_with_mask_token
+from vistok.tokenizers.token_dropout import pad_with_mask_token
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

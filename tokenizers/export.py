@@ -33,8 +33,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from tokenizers.atomic import current_umask
-from tokenizers.errors import VistokError
+from vistok.tokenizers.atomic import current_umask
+from vistok.tokenizers.errors import VistokError
 
 FORMAT_VERSION = 1
 # Format versions this code can read; a newer export must be refused, not half-understood.
@@ -159,7 +159,7 @@ def build_from_config(tokenizer_config: Any, where: str):
     ``where`` names the file in the error sentence. Only build_tokenizer (and through it the
     build_quantizer whitelist) is ever called: no ``_target_`` is imported here.
     """
-    from tokenizers.model import build_tokenizer
+    from vistok.tokenizers.model import build_tokenizer
 
     if not isinstance(tokenizer_config, dict) or not all(isinstance(k, str) for k in tokenizer_config):
         raise VistokError(f"{where} has no tokenizer config (a JSON object of build_tokenizer arguments); re-export the checkpoint.")
@@ -202,12 +202,27 @@ def fingerprint(tokenizer: torch.nn.Module) -> str:
     the training checkpoint it came from (same weights) have the same fingerprint.
     """
     digest = hashlib.sha256()
-    digest.update(json.dumps(getattr(tokenizer, "config", {}), sort_keys=True).encode())
+    digest.update(json.dumps(_legacy_spelling(getattr(tokenizer, "config", {})), sort_keys=True).encode())
     for key, tensor in sorted(tokenizer.state_dict().items()):
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{key}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _legacy_spelling(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with its quantizer target spelt as vistok 0.1 did (``tokenizers.quantizers.X``).
+
+    Fingerprints hash this spelling, so a tokenizer keeps its fingerprint across the rename of the
+    package to ``vistok`` and token files written before it still match their tokenizer.
+    """
+    from vistok.tokenizers.quantizers import LEGACY_PACKAGE, PACKAGE
+
+    config = dict(config)
+    quantizer = config.get("quantizer")
+    if isinstance(quantizer, Mapping) and str(quantizer.get("_target_", "")).startswith(PACKAGE + "."):
+        config["quantizer"] = {**quantizer, "_target_": LEGACY_PACKAGE + quantizer["_target_"][len(PACKAGE):]}
+    return config
 
 
 def _json_roundtrip(value: Any, where: str) -> Any:
@@ -357,9 +372,9 @@ def model_card(config: Mapping[str, Any]) -> str:
         "## Use",
         "",
         "```python",
-        "import tokenizers  # vistok's package",
+        "import vistok",
         "",
-        'tok = tokenizers.load("path/to/this/directory")  # eval mode',
+        'tok = vistok.load("path/to/this/directory")  # eval mode',
         f"tokens = tok.encode(images)       # images (B, 3, {config['image_size']}, {config['image_size']}) in [0, 1]",
         "recon = tok.decode(tokens[:, :8])  # any prefix of the tokens",
         "```",

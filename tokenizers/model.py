@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenizers.conv import ConvDecoder, ConvEncoder
-from tokenizers.errors import VistokError
-from tokenizers.quantizers import Quantizer, QuantizerOutput, build_quantizer
-from tokenizers.token_dropout import TailTokenDropout
-from tokenizers.transformer import TiTokDecoder, TiTokEncoder
+from vistok.tokenizers.conv import ConvDecoder, ConvEncoder
+from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.quantizers import Quantizer, QuantizerOutput, build_quantizer
+from vistok.tokenizers.token_dropout import TailTokenDropout
+from vistok.tokenizers.transformer import TiTokDecoder, TiTokEncoder
 
 # Sizes follow TiTok S/B/L (patch 16 at 256 px; default K = 128/64/32 as in the paper's
 # S-128, B-64, L-32) and VQGAN f8/f16. "tiny" presets train on a CPU at 16-32 px.
@@ -44,7 +44,7 @@ OVERRIDES = {
     "conv": ("channels", "channel_mult", "num_res_blocks", "mid_attention", "dropout"),
 }
 
-DEFAULT_QUANTIZER = {"_target_": "tokenizers.quantizers.FSQ", "levels": [8, 5, 5, 5]}
+DEFAULT_QUANTIZER = {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [8, 5, 5, 5]}
 
 
 @dataclass
@@ -205,7 +205,7 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
         arch: ``"titok"`` (1D transformer) or ``"conv"`` (2D VQGAN-style).
         preset: a key of ``PRESETS[arch]``.
         image_size: H = W in pixels; a multiple of the patch size (titok) or downsampling factor (conv).
-        quantizer: a quantizer config (``{"_target_": "tokenizers.quantizers.FSQ", ...}``, see
+        quantizer: a quantizer config (``{"_target_": "vistok.tokenizers.quantizers.FSQ", ...}``, see
             ``build_quantizer``) or a Quantizer module; default FSQ with levels [8, 5, 5, 5].
             The encoder's output dimension is the quantizer's ``dim``.
         num_tokens: K for titok (default from the preset). For conv K is fixed by the grid,

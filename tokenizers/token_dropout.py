@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokenizers.errors import VistokError
+from vistok.tokenizers.errors import VistokError
 
 DISTRIBUTIONS = ("uniform", "pow2", "uniform_pow2")
 

@@ -14,7 +14,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from tokenizers.token_dropout import keep_mask, pad_with_mask_token
+from vistok.tokenizers.token_dropout import keep_mask, pad_with_mask_token
 
 
 def make_blocks(width: int, depth: int, heads: int, mlp_ratio: float) -> nn.Sequential:

@@ -6,7 +6,7 @@
 - LFQ: sign of each channel (MAGVIT-v2); codebook_size = 2**dim.
 - SoftVQ: softmax-weighted mix of codewords; codebook_size = None (continuous tokens).
 
-``build_quantizer({"_target_": "tokenizers.quantizers.FSQ", "levels": [8, 5, 5, 5]})`` builds one
+``build_quantizer({"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [8, 5, 5, 5]})`` builds one
 from a plain config (Hydra style). Only the classes above are accepted as targets: a config never
 makes this module import an arbitrary path.
 """
@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tokenizers.errors import VistokError
-from tokenizers.quantizers.base import Quantizer, QuantizerOutput, code_stats, counts_stats
-from tokenizers.quantizers.fsq import FSQ
-from tokenizers.quantizers.lfq import LFQ
-from tokenizers.quantizers.soft import SoftVQ
-from tokenizers.quantizers.vq import VectorQuantizer
+from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.quantizers.base import Quantizer, QuantizerOutput, code_stats, counts_stats
+from vistok.tokenizers.quantizers.fsq import FSQ
+from vistok.tokenizers.quantizers.lfq import LFQ
+from vistok.tokenizers.quantizers.soft import SoftVQ
+from vistok.tokenizers.quantizers.vq import VectorQuantizer
 
 __all__ = [
     "FSQ",
@@ -44,11 +44,16 @@ QUANTIZERS: dict[str, type[Quantizer]] = {
 
 _MODULE_OF = {"VectorQuantizer": "vq", "FSQ": "fsq", "LFQ": "lfq", "SoftVQ": "soft"}
 
-# The public path and the defining module's path are both accepted (Hydra users write either).
+# The public path and the defining module's path are both accepted (Hydra users write either), and
+# so are the paths of vistok 0.1, whose package was imported as `tokenizers`: its checkpoints and
+# format-1 exports name `tokenizers.quantizers.<Class>`.
+PACKAGE = "vistok.tokenizers.quantizers"
+LEGACY_PACKAGE = "tokenizers.quantizers"
 _TARGETS: dict[str, type[Quantizer]] = {}
-for _name, _cls in QUANTIZERS.items():
-    _TARGETS[f"tokenizers.quantizers.{_name}"] = _cls
-    _TARGETS[f"tokenizers.quantizers.{_MODULE_OF[_name]}.{_name}"] = _cls
+for _package in (PACKAGE, LEGACY_PACKAGE):
+    for _name, _cls in QUANTIZERS.items():
+        _TARGETS[f"{_package}.{_name}"] = _cls
+        _TARGETS[f"{_package}.{_MODULE_OF[_name]}.{_name}"] = _cls
 
 
 def _plain(value: Any) -> Any:
@@ -61,7 +66,7 @@ def _plain(value: Any) -> Any:
 
 
 def build_quantizer(config: Mapping[str, Any]) -> Quantizer:
-    """Build a quantizer from ``{"_target_": "tokenizers.quantizers.<Class>", **kwargs}``.
+    """Build a quantizer from ``{"_target_": "vistok.tokenizers.quantizers.<Class>", **kwargs}``.
 
     Raises VistokError for an unknown target or keyword arguments the class does not take.
     """
@@ -71,9 +76,9 @@ def build_quantizer(config: Mapping[str, Any]) -> Quantizer:
     target = kwargs.pop("_target_", None)
     cls = _TARGETS.get(target) if isinstance(target, str) else None
     if cls is None:
-        choices = ", ".join(f"tokenizers.quantizers.{name}" for name in QUANTIZERS)
+        choices = ", ".join(f"{PACKAGE}.{name}" for name in QUANTIZERS)
         raise VistokError(f"Unknown quantizer _target_ {target!r}; use one of {choices}.")
     try:
         return cls(**kwargs)
     except TypeError as error:
-        raise VistokError(f"Bad arguments for {cls.__name__} ({error}); see help(tokenizers.quantizers.{cls.__name__}) for its options.") from None
+        raise VistokError(f"Bad arguments for {cls.__name__} ({error}); see help(vistok.tokenizers.quantizers.{cls.__name__}) for its options.") from None

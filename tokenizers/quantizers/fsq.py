@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tokenizers.errors import VistokError
-from tokenizers.quantizers.base import Quantizer, QuantizerOutput, code_stats
+from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.quantizers.base import Quantizer, QuantizerOutput, code_stats
 
 
 class FSQ(Quantizer):
@@ -95,7 +95,7 @@ class FSQ(Quantizer):
         return self.project_out(codes)
 
     def get_config(self) -> dict:
-        return {"_target_": "tokenizers.quantizers.FSQ", "dim": self.dim, "levels": list(self.levels), "eps": self.eps}
+        return {"_target_": "vistok.tokenizers.quantizers.FSQ", "dim": self.dim, "levels": list(self.levels), "eps": self.eps}
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, levels={self.levels}, codebook_size={self.codebook_size}"

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tokenizers.errors import VistokError
-from tokenizers.quantizers.base import Quantizer, QuantizerOutput, code_stats
+from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.quantizers.base import Quantizer, QuantizerOutput, code_stats
 
 # The batch entropy costs T * 2^D multiply-adds; beyond this it is impractically slow, not wrong.
 MAX_ENTROPY_BITS = 28
@@ -168,7 +168,7 @@ class LFQ(Quantizer):
 
     def get_config(self) -> dict:
         return {
-            "_target_": "tokenizers.quantizers.LFQ",
+            "_target_": "vistok.tokenizers.quantizers.LFQ",
             "dim": self.dim,
             "entropy_weight": self.entropy_weight,
             "commitment_weight": self.commitment_weight,

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizers.errors import VistokError
-from tokenizers.quantizers.base import Quantizer, QuantizerOutput, code_stats
+from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.quantizers.base import Quantizer, QuantizerOutput, code_stats
 
 SIMILARITIES = ("cosine", "distance")
 
@@ -115,7 +115,7 @@ class SoftVQ(Quantizer):
 
     def get_config(self) -> dict:
         return {
-            "_target_": "tokenizers.quantizers.SoftVQ",
+            "_target_": "vistok.tokenizers.quantizers.SoftVQ",
             "dim": self.dim,
             "codebook_size": self.num_codes,
             "temperature": self.temperature,

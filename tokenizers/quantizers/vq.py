@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizers.errors import VistokError
-from tokenizers.quantizers.base import Quantizer, QuantizerOutput, counts_stats
+from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.quantizers.base import Quantizer, QuantizerOutput, counts_stats
 
 
 # Codes per block of the nearest-code search; tokens per block follow from lookup_chunk_elements.
@@ -269,7 +269,7 @@ class VectorQuantizer(Quantizer):
 
     def get_config(self) -> dict:
         return {
-            "_target_": "tokenizers.quantizers.VectorQuantizer",
+            "_target_": "vistok.tokenizers.quantizers.VectorQuantizer",
             "dim": self.dim,
             "codebook_size": self.codebook_size,
             "codebook_dim": self._codebook_dim_arg,

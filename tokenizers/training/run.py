@@ -1,4 +1,4 @@
-"""Run one training from a composed config: what ``python train.py`` does after Hydra.
+"""Run one training from a composed config: what ``vistok train`` (``python train.py``) does after Hydra.
 
 :func:`run_training` checks the whole configuration (model, quantizer, data, trainer, logger,
 callbacks, resume) before the first step, so a mistake costs one sentence and no compute; then
@@ -35,13 +35,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tokenizers.callbacks import AtomicCheckpointIO, RankConsistencyCheck, RunArtifacts
-from tokenizers.errors import VistokError
-from tokenizers.module import TokenizerModule
+from vistok.tokenizers.training.callbacks import AtomicCheckpointIO, RankConsistencyCheck, RunArtifacts
+from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.training.module import TokenizerModule
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The Hydra configs ship inside the package (package data), so an installed vistok trains from any folder.
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # Top-level keys of configs/train.yaml (experiment/ merges into the others); anything else is refused.
 TOP_LEVEL = {"name", "seed", "run_dir", "resume", "compile", "loss", "optim", "ema", "validation",
              "model", "quantizer", "data", "trainer", "logger", "callbacks"}
@@ -85,6 +86,69 @@ class TrainResult:
     best_psnr: float | None = None
     ema: bool = True  # validation used the EMA weights
     table: str = ""  # the closing summary (global rank 0 only)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, checked before Hydra runs
+
+
+def compose_problem(argv: list[str]) -> str | None:
+    """One sentence for command-line arguments Hydra would refuse, or None.
+
+    Hydra reports a missing group option (quantizer=nope), a key that is not in the config or a
+    malformed override with several lines, a hint about HYDRA_FULL_ERROR and exit status 1;
+    composing the config here first keeps the project's rule (one sentence, exit status 2).
+    ``--config-dir DIR`` (``-cd``) adds a folder of the user's own option files to the search
+    path, as Hydra does. Runs with Hydra's other flags (-m, --cfg, --help, ...) and sweeps are
+    left to Hydra.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, MissingConfigException
+
+    overrides, config_dirs = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg in ("--config-dir", "-cd"):
+            config_dirs.append(next(args, ""))
+        elif arg.startswith("--config-dir="):
+            config_dirs.append(arg.split("=", 1)[1])
+        elif arg.startswith("-"):
+            return None
+        else:
+            overrides.append(arg)
+    for folder in config_dirs:
+        if not Path(folder).expanduser().is_dir():
+            return f"--config-dir {folder or '(empty)'} is not a folder; pass the folder that holds your own option files (e.g. experiment/my_run.yaml)."
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as error:
+        return _one_sentence(error)
+    if any(override.is_sweep_override() for override in parsed):
+        return None
+    if config_dirs:
+        if any(override.key_or_group == "hydra.searchpath" for override in parsed):
+            return None  # both ways of extending the search path at once: Hydra merges them itself
+        paths = ",".join(f"file://{Path(folder).expanduser().resolve()}" for folder in config_dirs)
+        overrides = [*overrides, f"hydra.searchpath=[{paths}]"]
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            compose("train", overrides=overrides)
+    except MissingConfigException as error:
+        group, _, choice = str(error.missing_cfg_file or "").rpartition("/")
+        if group and error.options is not None:
+            where = f"configs/{group}/" + (" or your --config-dir" if config_dirs else "")
+            return f"unknown {group} '{choice}'; choose one of {', '.join(sorted(error.options))} (files in {where})."
+        return _one_sentence(error)
+    except HydraException as error:
+        return _one_sentence(error)
+    return None
+
+
+def _one_sentence(error: Exception) -> str:
+    lines = [line.strip().rstrip(".") for line in str(error).splitlines() if line.strip() and not line.startswith("See https")]
+    text = "; ".join(line[:1].lower() + line[1:] for line in lines[:2])
+    return text + "."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +264,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger: Any, callbacks: list[p
             raise VistokError(f"trainer.{reserved} is set by vistok from {where}; remove it from the trainer config.")
     try:
         # SLURM (issue 7): SLURMEnvironment(auto_requeue=False) + the step-boundary requeue callback
-        from tokenizers.slurm import slurm_support
+        from vistok.tokenizers.training.slurm import slurm_support
 
         slurm_plugins, slurm_callbacks = slurm_support()
         return pl.Trainer(**settings, default_root_dir=str(run_dir), logger=logger, callbacks=callbacks + slurm_callbacks,
@@ -236,7 +300,7 @@ def check_top_level(cfg: DictConfig) -> None:
 def run_training(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     """Check ``cfg``, train, and return the results; raises VistokError before training for bad settings.
 
-    A NaN/inf loss raises :class:`~tokenizers.module.TrainingDiverged` (with the step and terms);
+    A NaN/inf loss raises :class:`~vistok.tokenizers.training.module.TrainingDiverged` (with the step and terms);
     checkpoints written before it stay in ``run_dir``.
     """
     start = time.monotonic()
@@ -280,7 +344,7 @@ def _write_config(cfg: DictConfig, run_dir: Path) -> None:
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)  # the directory actually used (Hydra resolved ${now:} once)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from tokenizers.atomic import atomic_write
+    from vistok.tokenizers.atomic import atomic_write
 
     text = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write(run_dir / "config.yaml", lambda handle: handle.write(text.encode()))
@@ -293,7 +357,7 @@ def _write_config(cfg: DictConfig, run_dir: Path) -> None:
 def summary_table(result: TrainResult, codebook_size: int | None, token_dim: int,
                   baseline: dict[int, float], baseline_images: int) -> str:
     """Plain-text table: per token count the bits, PSNR, SSIM and the thumbnail codec's PSNR at those bits."""
-    from eval.metrics import bits_per_image
+    from vistok.eval.metrics import bits_per_image
 
     weights = "EMA weights" if result.ema else "weights"
     lines = [f"validation at step {result.step} ({weights}, {result.metrics.get('val/images', 0):.0f} images)",
@@ -324,8 +388,8 @@ def thumbnail_baseline(datamodule: pl.LightningDataModule, token_counts: list[in
 
     Returns ({token count: PSNR}, number of images used).
     """
-    from eval.baselines import thumbnail_psnr
-    from eval.metrics import bits_per_image
+    from vistok.eval.baselines import thumbnail_psnr
+    from vistok.eval.metrics import bits_per_image
 
     images: list[torch.Tensor] = []
     for batch in datamodule.val_dataloader():

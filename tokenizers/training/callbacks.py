@@ -24,7 +24,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.loggers import WandbLogger
 
-from tokenizers.atomic import atomic_write
+from vistok.tokenizers.atomic import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -38,7 +38,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def save_png(image: torch.Tensor, path: Path) -> Path:
     """(3, H, W) float in [0, 1] -> an 8-bit PNG at ``path`` (atomically)."""
-    from data.images import to_pil
+    from vistok.data.images import to_pil
 
     def write(handle) -> None:
         buffer = io.BytesIO()
@@ -58,7 +58,7 @@ class RunArtifacts(pl.Callback):
     """Writes ``grids/step-XXXXXXX.png`` and ``metrics.json`` into ``run_dir`` after each validation.
 
     Reads ``pl_module.latest_grid`` (3, H, W) and ``pl_module.last_val_metrics`` set by
-    :class:`~tokenizers.module.TokenizerModule`; with a wandb logger the grid is logged there too.
+    :class:`~vistok.tokenizers.training.module.TokenizerModule`; with a wandb logger the grid is logged there too.
     ``grid_path`` is the newest grid written (None before the first validation).
     """
 

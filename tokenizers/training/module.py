@@ -1,6 +1,6 @@
 """The Lightning side of training: one module for every tokenizer (1D or 2D, any quantizer).
 
-:class:`TokenizerModule` wraps an :class:`~tokenizers.model.ImageTokenizer` built from a plain
+:class:`TokenizerModule` wraps an :class:`~vistok.tokenizers.model.ImageTokenizer` built from a plain
 config (``build_tokenizer(**tokenizer)``) and trains it with
 
 - reconstruction loss (L1 and/or L2) + the quantizer's auxiliary loss + optional LPIPS;
@@ -36,9 +36,9 @@ from timm.utils import ModelEmaV3
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import SumMetric
 
-from eval.metrics import ReconstructionEvaluator
-from tokenizers.errors import VistokError
-from tokenizers.losses import (
+from vistok.eval.metrics import ReconstructionEvaluator
+from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.training.losses import (
     LeCAM,
     PatchDiscriminator,
     PerceptualLoss,
@@ -47,7 +47,7 @@ from tokenizers.losses import (
     hinge_d_loss,
     hinge_g_loss,
 )
-from tokenizers.model import ImageTokenizer, build_tokenizer
+from vistok.tokenizers.model import ImageTokenizer, build_tokenizer
 
 try:
     VISTOK_VERSION = version("vistok")

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizers.errors import VistokError
+from vistok.tokenizers.errors import VistokError
 
 
 def default_vgg16_path() -> Path:
     """Where ``torch.hub`` keeps torchvision's VGG16 weights (``$TORCH_HOME/hub/checkpoints``)."""
-    from eval.metrics import VGG16_FILENAME
+    from vistok.eval.metrics import VGG16_FILENAME
 
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILENAME
 
@@ -33,7 +33,7 @@ def default_vgg16_path() -> Path:
 class PerceptualLoss(nn.Module):
     """LPIPS-VGG distance between images in [0, 1]; frozen, always in eval mode.
 
-    The network is eval's :func:`eval.metrics.load_lpips` (the ``lpips`` package's v0.1 linear
+    The network is eval's :func:`vistok.eval.metrics.load_lpips` (the ``lpips`` package's v0.1 linear
     heads on torchvision's VGG16), so the training loss and the reported LPIPS are the same.
 
     Args:
@@ -46,7 +46,7 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, weights_path: str | os.PathLike | None = None) -> None:
         super().__init__()
-        from eval.metrics import VGG16_URL, load_lpips
+        from vistok.eval.metrics import VGG16_URL, load_lpips
 
         path = Path(weights_path).expanduser() if weights_path else default_vgg16_path()
         if not path.is_file():
