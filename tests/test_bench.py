@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmark script (``python -m vistok.eval.bench``) at the tiniest sizes.
+"""Smoke tests of the benchmark (``python -m vistok.eval.bench``, ``python -m vistok.eval.bench.data``)
+at the tiniest sizes.
 
 They check that it runs and writes the JSON it promises; they never assert on time (the
 machines are shared and noisy: speed is what the script reports, not what tests check).
@@ -8,11 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from vistok.eval import bench
+from vistok.eval.bench import cli, data, quantizers, targets
+from vistok.eval.bench.measure import measure_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,11 +27,12 @@ TINY = ["--batch", "2", "--image-size", "16", "--quantizer-shape", "2x8", "--vq-
 
 def test_runs_in_process_and_writes_every_section(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = bench.main(["--sections", "train,codec,quantizers", "--models", "titok:tiny,conv:tiny", "--isolate", "no",
-                       "--no-reference", "--output", str(out), *TINY])
+    code = cli.main(["--sections", "train,codec,quantizers,data", "--models", "titok:tiny,conv:tiny", "--isolate", "no",
+                     "--no-reference", "--data-images", "6", "--data-workers", "0", "--data-batch", "2",
+                     "--data-batches", "2", "--output", str(out), *TINY])
     assert code == 0
     report = json.loads(out.read_text())
-    assert set(report) >= {"meta", "train", "codec", "quantizers", "targets"}
+    assert set(report) >= {"meta", "train", "codec", "quantizers", "data", "targets"}
     assert report["meta"]["device"] == "cpu" and not report["meta"]["isolated"]
 
     train = {row["model"]: row for row in report["train"]}
@@ -51,17 +56,23 @@ def test_runs_in_process_and_writes_every_section(tmp_path, capsys):
         assert pair["tokens"] == 16 and pair["vistok"]["step_s"] > 0 and "reference" not in pair
         assert pair["vistok"]["forward_host_sync_ops"] == {}
 
-    targets = {t["target"]: t for t in report["targets"]}
-    assert all(set(t) == {"target", "measured", "met"} for t in targets.values())
+    loader = report["data"]
+    assert loader["images_per_s"] > 0 and loader["imagefolder_images_per_s"] > 0, loader
+    assert {row["reader"] for row in loader["rows"]} == {"shards", "ImageFolder"}
+    assert all(row["scale"] == [0.8, 1.0] and len(row["runs"]) == 3 for row in loader["rows"])
+
+    judged = {t["target"]: t for t in report["targets"]}
+    assert all(set(t) == {"target", "measured", "met"} for t in judged.values())
     printed = capsys.readouterr().out
     assert "Training step" in printed and "Quantizer forward + backward" in printed and "Targets" in printed
+    assert "Data loader" in printed
 
 
-@pytest.mark.skipif(bench._reference_version() is None, reason="vector-quantize-pytorch (the bench extra) is not installed")
+@pytest.mark.skipif(quantizers.reference_version() is None, reason="vector-quantize-pytorch (the bench extra) is not installed")
 def test_compares_with_vector_quantize_pytorch(tmp_path):
     out = tmp_path / "bench.json"
-    assert bench.main(["--sections", "quantizers", "--quantizers", "vq,fsq,lfq", "--isolate", "no",
-                       "--output", str(out), *TINY]) == 0
+    assert cli.main(["--sections", "quantizers", "--quantizers", "vq,fsq,lfq", "--isolate", "no",
+                     "--output", str(out), *TINY]) == 0
     pairs = json.loads(out.read_text())["quantizers"]
     assert len(pairs) == 3
     for pair in pairs:
@@ -71,10 +82,10 @@ def test_compares_with_vector_quantize_pytorch(tmp_path):
 
 
 def test_missing_reference_is_said_and_ours_still_measured(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "_reference_version", lambda: None)
+    monkeypatch.setattr(quantizers, "reference_version", lambda: None)
     out = tmp_path / "bench.json"
-    assert bench.main(["--sections", "quantizers", "--quantizers", "fsq", "--isolate", "no", "--output", str(out),
-                       *TINY]) == 0
+    assert cli.main(["--sections", "quantizers", "--quantizers", "fsq", "--isolate", "no", "--output", str(out),
+                     *TINY]) == 0
     report = json.loads(out.read_text())
     assert "vector-quantize-pytorch is not installed" in capsys.readouterr().err
     assert any("not installed" in note for note in report["meta"]["notes"])
@@ -110,9 +121,49 @@ def test_targets_are_judged_from_the_measurements():
 
     report = {"quantizers": [pair("fsq", 64000, 2.0, 1.0, 10), pair("lfq", 2**16, 1.0, 10.0, int(1.5e9)),
                              pair("lfq", 2**18, 1.0, 10.0, int(3e9))], "train": []}
-    met = {t["target"]: t["met"] for t in bench.evaluate_targets(report)}
+    met = {t["target"]: t["met"] for t in targets.evaluate_targets(report)}
     assert met["every quantizer at least as fast as vector-quantize-pytorch (forward + backward)"] is False
     assert met["LFQ with entropy terms, 8192 tokens, 2^16 codes: peak memory < 2 GB"] is True
     assert met["LFQ with entropy terms, 8192 tokens, 2^18 codes: peak memory < 2 GB"] is False
     assert met["LFQ 2^16 at 8192 tokens: at most 1/4 of vector-quantize-pytorch's time"] is True
     assert met["MFU reported for the titok base preset on CUDA"] is None  # nothing measured on CUDA
+
+
+def test_interleaved_timing_alternates_and_takes_a_slow_warmup_as_the_measurement():
+    calls: list[str] = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    runs = measure_interleaved(steps, torch.device("cpu"), warmup=1, repeats=3, budget_s=60.0)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-ups, then alternating order
+    assert all(len(r["times_s"]) == 3 and len(r["warmup_s"]) == 1 and "note" not in r for r in runs.values())
+
+    calls.clear()
+    steps["slow"] = lambda: (calls.append("slow"), time.sleep(0.2))
+    runs = measure_interleaved(steps, torch.device("cpu"), warmup=2, repeats=2, budget_s=0.1)
+    assert calls.count("slow") == 1  # its one warm-up call exceeded the budget: it is not called again
+    assert runs["slow"]["times_s"] == runs["slow"]["warmup_s"] and "budget" in runs["slow"]["note"]
+    assert len(runs["a"]["times_s"]) >= 1 and "note" not in runs["a"]
+
+    assert measure_interleaved({"x": lambda: None}, torch.device("cpu"), warmup=1, repeats=0,
+                               budget_s=1.0)["x"]["times_s"] == []  # repeats=0 only warms up
+
+
+def test_data_benchmark_compares_both_readers_and_rejects_bad_input(tmp_path, capsys):
+    """``python -m vistok.eval.bench.data`` with its own options (in process, at the tiniest sizes)."""
+    out = tmp_path / "sub" / "data.json"
+    assert data.main(["--images", "6", "--workers", "0", "--batch-size", "2", "--batches", "2", "--size", "16",
+                      "--repeats", "2", "--scales", "0.5-1.0", "--sides", "40-60", "--dir", str(tmp_path),
+                      "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["scales"] == [[0.5, 1.0]] and result["settings"]["sides"] == [40, 60]
+    assert [(row["reader"], row["scale"]) for row in result["rows"]] == [("ImageFolder", [0.5, 1.0]),
+                                                                        ("shards", [0.5, 1.0])]
+    for row in result["rows"]:
+        assert len(row["runs"]) == 2 and all(run["images"] == 4 for run in row["runs"])
+        assert row["images_per_s_median"] > 0 and row["cpu_ms_per_image_median"] > 0
+    assert "ImageFolder" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]  # the images and shards were temporary
+    assert [p.name for p in out.parent.iterdir()] == ["data.json"]
+
+    assert data.main(["--scales", "0-1", "--out", str(tmp_path / "x.json")]) == 2
+    assert "error: --scales 0-1 must be LOW-HIGH areas" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
