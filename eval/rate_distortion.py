@@ -22,16 +22,31 @@ from vistok.eval.metrics import ReconstructionEvaluator, bits_per_image, bits_pe
 from vistok.tokenizers.errors import VistokError
 
 
-def default_token_counts(max_tokens: int) -> list[int]:
-    """Powers of two up to ``max_tokens``, plus ``max_tokens`` itself: K=48 -> [1, 2, 4, 8, 16, 32, 48]."""
+# Two default lists of token counts, for two jobs: a rate-distortion curve wants many points (its
+# x axis is log bits), training validation a few cheap ones every interval.
+
+
+def power_of_two_token_counts(max_tokens: int) -> list[int]:
+    """Powers of two up to ``max_tokens``, plus ``max_tokens`` itself: K=48 -> [1, 2, 4, 8, 16, 32, 48].
+
+    The default of ``vistok score`` and :func:`rate_distortion`.
+    """
     counts = [2**i for i in range(int(math.log2(max_tokens)) + 1) if 2**i <= max_tokens]
     return sorted(set(counts) | {max_tokens})
 
 
+def halving_token_counts(max_tokens: int) -> list[int]:
+    """K/8, K/4, K/2 and K (rounded down, at least 1, without repeats): K=48 -> [6, 12, 24, 48].
+
+    The default of training validation (``validation.token_counts: null``).
+    """
+    return sorted({max(1, max_tokens // d) for d in (8, 4, 2, 1)})
+
+
 def parse_token_counts(value: str | Sequence[int] | None, max_tokens: int) -> list[int]:
-    """Token counts from "8,16,32" (or a sequence), checked against 1..max_tokens; None -> the default."""
+    """Token counts from "8,16,32" (or a sequence), checked against 1..max_tokens; None -> the powers of two."""
     if value is None:
-        return default_token_counts(max_tokens)
+        return power_of_two_token_counts(max_tokens)
     items = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
     counts = []
     for item in items:
@@ -163,8 +178,8 @@ def rate_distortion(tokenizer: Any, batches: Iterable[Tensor], token_counts: Seq
     """Score ``tokenizer`` at several token counts against JPEG/WebP at matched bytes.
 
     batches: iterable of (B, 3, S, S) float images in [0, 1], S = tokenizer.image_size.
-    token_counts: default :func:`default_token_counts`. inception / lpips: networks from
-    :func:`vistok.eval.metrics.load_inception` / :func:`vistok.eval.metrics.load_lpips` (None skips the metric).
+    token_counts: default :func:`power_of_two_token_counts`. inception / lpips: networks from
+    :func:`vistok.eval.pretrained.load_inception` / :func:`vistok.eval.pretrained.load_lpips` (None skips the metric).
     target_psnr: also run :func:`choose_lengths` on every image. on_batch(n_images) is called
     after each batch (progress bars). Codecs get PSNR, SSIM and LPIPS; the tokenizer also rFID
     and, for discrete tokens, codebook usage and perplexity.

@@ -55,9 +55,16 @@ INPUT_CONVENTION = {
 }
 
 
+# The training module's state_dict holds the tokenizer's weights under this prefix (its attribute name).
+TOKENIZER_PREFIX = "tokenizer."
+
+
 @functools.cache
 def vistok_version() -> str:
-    """The installed vistok version, or "unknown" when running from an uninstalled tree."""
+    """The installed vistok version, or "unknown" when running from an uninstalled tree.
+
+    ``vistok.__version__``, ``vistok --version``, config.json and training checkpoints all read it here.
+    """
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -85,6 +92,16 @@ class LoadedTokenizer:
 
 # --------------------------------------------------------------------------------------------
 # Reading training checkpoints
+
+
+def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of ``state`` whose key starts with ``prefix``, keyed without it."""
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def add_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Every entry of ``state`` keyed with ``prefix`` in front (the inverse of :func:`strip_prefix`)."""
+    return {prefix + key: value for key, value in state.items()}
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -118,7 +135,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         isinstance(hparams, dict)
         and isinstance(hparams.get("tokenizer"), dict)
         and isinstance(state, dict)
-        and any(isinstance(k, str) and k.startswith("tokenizer.") for k in state)
+        and any(isinstance(k, str) and k.startswith(TOKENIZER_PREFIX) for k in state)
     ):
         raise VistokError(
             f"{path} is a PyTorch file but not a vistok training checkpoint (it lacks hyper_parameters['tokenizer'] "
@@ -144,8 +161,7 @@ def checkpoint_state_dict(
             raise VistokError(
                 f"{path} holds no EMA weights (training ran without EMA); pass --no-ema (use_ema=False) to export the raw weights."
             )
-    prefix = "tokenizer."
-    raw = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    raw = {k: v for k, v in strip_prefix(ckpt["state_dict"], TOKENIZER_PREFIX).items() if isinstance(v, torch.Tensor)}
     return raw, "raw"
 
 
@@ -288,6 +304,24 @@ def describe(tokenizer, tokenizer_config: dict, weights_kind: str, ckpt: Mapping
     }
 
 
+def tokenizer_from_checkpoint(path: Path, use_ema: bool = True, fallback_to_raw: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Read a training checkpoint and build its tokenizer with the chosen weights loaded.
+
+    Returns (ImageTokenizer, its config.json structure from :func:`describe`). Everything that
+    does not fit (the file, the config, a tensor) raises VistokError with one sentence;
+    ``use_ema`` and ``fallback_to_raw`` as in :func:`checkpoint_state_dict`.
+    """
+    ckpt = read_checkpoint(path)
+    state, kind = checkpoint_state_dict(ckpt, path, use_ema=use_ema, fallback_to_raw=fallback_to_raw)
+    where = f"{path}'s hyper_parameters['tokenizer']"
+    tokenizer_config = _json_roundtrip(ckpt["hyper_parameters"]["tokenizer"], where)
+    model = build_from_config(tokenizer_config, where)
+    check_state_dict(model, state, f"{path}'s {kind} weights", where)
+    model.load_state_dict(state, strict=True)
+    # The rebuilt model's own config: the checkpoint's, with vistok 0.1's quantizer targets spelt anew.
+    return model, describe(model, _json_roundtrip(model.config, where), kind, ckpt, path)
+
+
 # --------------------------------------------------------------------------------------------
 # Export
 
@@ -399,14 +433,7 @@ def export_checkpoint(
     """
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
     _check_out_dir(out_dir, ckpt_path, force)
-    ckpt = read_checkpoint(ckpt_path)
-    state, kind = checkpoint_state_dict(ckpt, ckpt_path, use_ema=use_ema)
-    where = f"{ckpt_path}'s hyper_parameters['tokenizer']"
-    tokenizer_config = _json_roundtrip(ckpt["hyper_parameters"]["tokenizer"], where)
-    model = build_from_config(tokenizer_config, where)
-    check_state_dict(model, state, f"{ckpt_path}'s {kind} weights", where)
-    model.load_state_dict(state, strict=True)
-    config = describe(model, tokenizer_config, kind, ckpt, ckpt_path)
+    model, config = tokenizer_from_checkpoint(ckpt_path, use_ema=use_ema)
     # Cloning gives every tensor its own storage: safetensors refuses shared (tied) storage, and
     # load_state_dict fills tied parameters from the duplicates with the same values.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -423,7 +450,7 @@ def export_checkpoint(
                 "vistok_format_version": str(FORMAT_VERSION),
                 # A second copy of the architecture: a config.json edited after export is caught
                 # even when the edit leaves every tensor shape unchanged.
-                "vistok_tokenizer": json.dumps(tokenizer_config, sort_keys=True),
+                "vistok_tokenizer": json.dumps(config["tokenizer"], sort_keys=True),
             },
         )
         config["weights"]["sha256"] = _sha256_file(weights)
@@ -508,15 +535,8 @@ def _load_export_dir(directory: Path) -> LoadedTokenizer:
 
 
 def _load_checkpoint_file(path: Path, use_ema: bool) -> LoadedTokenizer:
-    ckpt = read_checkpoint(path)
-    state, kind = checkpoint_state_dict(ckpt, path, use_ema=use_ema, fallback_to_raw=True)
-    where = f"{path}'s hyper_parameters['tokenizer']"
-    tokenizer_config = _json_roundtrip(ckpt["hyper_parameters"]["tokenizer"], where)
-    model = build_from_config(tokenizer_config, where)
-    check_state_dict(model, state, f"{path}'s {kind} weights", where)
-    model.load_state_dict(state, strict=True)
+    model, config = tokenizer_from_checkpoint(path, use_ema=use_ema, fallback_to_raw=True)
     model.eval()
-    config = describe(model, tokenizer_config, kind, ckpt, path)
     return LoadedTokenizer(model, config, config["metrics"], fingerprint(model), path)
 
 

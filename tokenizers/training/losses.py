@@ -8,33 +8,27 @@
 - :func:`hinge_d_loss`, :func:`hinge_g_loss`, :func:`adaptive_generator_weight` and
   :class:`LeCAM` (Tseng et al. 2021) complete the adversarial recipe of Esser et al. 2021.
 
-Everything here is pure torch (plus ``lpips``); the Lightning module decides when to use what.
+Everything here is pure torch (plus ``lpips`` through :mod:`vistok.eval.pretrained`); the Lightning
+module decides when to use what.
 """
 from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vistok.eval.pretrained import VGG16_URL, load_lpips, vgg16_weights_path
 from vistok.tokenizers.errors import VistokError
-
-
-def default_vgg16_path() -> Path:
-    """Where ``torch.hub`` keeps torchvision's VGG16 weights (``$TORCH_HOME/hub/checkpoints``)."""
-    from vistok.eval.metrics import VGG16_FILENAME
-
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILENAME
 
 
 class PerceptualLoss(nn.Module):
     """LPIPS-VGG distance between images in [0, 1]; frozen, always in eval mode.
 
-    The network is eval's :func:`vistok.eval.metrics.load_lpips` (the ``lpips`` package's v0.1 linear
-    heads on torchvision's VGG16), so the training loss and the reported LPIPS are the same.
+    The network is :func:`vistok.eval.pretrained.load_lpips` (the ``lpips`` package's v0.1 linear
+    heads on torchvision's VGG16), the one eval reports LPIPS with, so the two are the same.
 
     Args:
         weights_path: torchvision's VGG16 state dict (``vgg16-397923af.pth``); None looks in the
@@ -46,9 +40,7 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, weights_path: str | os.PathLike | None = None) -> None:
         super().__init__()
-        from vistok.eval.metrics import VGG16_URL, load_lpips
-
-        path = Path(weights_path).expanduser() if weights_path else default_vgg16_path()
+        path = vgg16_weights_path(weights_path or None)
         if not path.is_file():
             raise VistokError(
                 f"the perceptual (LPIPS) loss needs torchvision's VGG16 weights at {path}, which is missing; "

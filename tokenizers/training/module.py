@@ -10,7 +10,7 @@ config (``build_tokenizer(**tokenizer)``) and trains it with
 - an exponential moving average of the weights (timm's ``ModelEmaV3``), used for validation and
   saved as ``checkpoint["ema_state_dict"]`` for export;
 - validation at several token counts (PSNR, SSIM, codebook usage and perplexity through eval's
-  :class:`~eval.metrics.ReconstructionEvaluator`) and a reconstruction grid;
+  :class:`~vistok.eval.metrics.ReconstructionEvaluator`) and a reconstruction grid;
 - a stop with the step and the loss terms when a loss or the gradient norm turns NaN/inf,
   before any checkpoint of the broken weights is written.
 
@@ -25,8 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
-from importlib.metadata import PackageNotFoundError, version
+from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,7 +36,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import SumMetric
 
 from vistok.eval.metrics import ReconstructionEvaluator
+from vistok.eval.rate_distortion import halving_token_counts
 from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.export import TOKENIZER_PREFIX, add_prefix, strip_prefix, vistok_version
+from vistok.tokenizers.model import ImageTokenizer, build_tokenizer
 from vistok.tokenizers.training.losses import (
     LeCAM,
     PatchDiscriminator,
@@ -47,128 +49,18 @@ from vistok.tokenizers.training.losses import (
     hinge_d_loss,
     hinge_g_loss,
 )
-from vistok.tokenizers.model import ImageTokenizer, build_tokenizer
+from vistok.tokenizers.training.settings import (
+    EMASettings,
+    LossSettings,
+    OptimSettings,
+    ValidationSettings,
+    check_ranges,
+    parse_settings,
+)
 
-try:
-    VISTOK_VERSION = version("vistok")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    VISTOK_VERSION = "unknown"
-
+# Where the module's own submodules keep their weights in its state_dict (the tokenizer's is TOKENIZER_PREFIX).
 EMA_PREFIX = "ema.module."
 PERCEPTUAL_PREFIX = "perceptual."
-
-
-# ---------------------------------------------------------------------------------------------
-# Settings: plain dataclasses, so a typo in a config is an error rather than a silent default
-
-
-@dataclass
-class PerceptualSettings:
-    weight: float = 0.0  # 0 turns LPIPS off (and its weights are then not needed)
-    weights_path: str | None = None  # torchvision vgg16-397923af.pth; None: the torch hub cache
-
-
-@dataclass
-class AdversarialSettings:
-    weight: float = 0.0  # 0 turns the discriminator off
-    start: int = 0  # generator steps before the discriminator and the generator's GAN term start
-    adaptive: bool = True  # VQGAN's gradient-norm balance at the decoder's last layer
-    max_adaptive_weight: float = 1e4
-    channels: int = 64
-    num_layers: int = 3
-    norm: str = "batch"
-    lecam_weight: float = 0.0  # 0 turns LeCAM off
-    lecam_decay: float = 0.999
-    lr: float | None = None  # None: the generator's lr
-
-
-@dataclass
-class LossSettings:
-    l1_weight: float = 1.0
-    l2_weight: float = 0.0
-    quantizer_weight: float = 1.0
-    perceptual: PerceptualSettings = field(default_factory=PerceptualSettings)
-    adversarial: AdversarialSettings = field(default_factory=AdversarialSettings)
-
-
-@dataclass
-class OptimSettings:
-    lr: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    weight_decay: float = 1e-4  # on matrices and kernels only (not biases, norms, mask tokens)
-    eps: float = 1e-8
-    warmup_steps: int = 1000
-    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio at trainer.max_steps
-    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    # Steps between checks that the loss terms and the gradient norm are finite. Each check waits
-    # for the device; with more than 1, a step that turned the weights NaN may reach a forward
-    # pass before the check names it. Checkpoints and validation are always checked first.
-    finite_check_every: int = 1
-
-
-@dataclass
-class EMASettings:
-    enabled: bool = True
-    decay: float = 0.999
-    use_warmup: bool = True  # decay ramps up as 1 - (1 + step)^-warmup_power (timm ModelEmaV3)
-    warmup_power: float = 2 / 3
-
-
-@dataclass
-class ValidationSettings:
-    token_counts: list[int] | None = None  # None: K/8, K/4, K/2, K
-    grid_images: int = 8  # originals shown in the reconstruction grid (0 = no grid)
-
-
-def parse_settings(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, refusing keys it does not have (one sentence)."""
-    values = dict(values or {})
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        listed = ", ".join(f"{where}.{name}" for name in unknown)
-        raise VistokError(f"unknown setting(s) {listed}; the settings of {where} are {', '.join(sorted(names))}.")
-    nested = {f.name: f.default_factory for f in fields(cls) if callable(f.default_factory) and hasattr(f.default_factory, "__dataclass_fields__")}
-    for name, sub in nested.items():
-        if name in values and not isinstance(values[name], sub):
-            values[name] = parse_settings(sub, values[name], f"{where}.{name}")
-    return cls(**values)
-
-
-def check_ranges(loss: LossSettings, optim: OptimSettings, ema: EMASettings) -> None:
-    """Refuse values no run can use (negative weights, a decay of 1, text for a number) in one sentence."""
-    adversarial = loss.adversarial
-    rules = [
-        ("loss.l1_weight", loss.l1_weight, lambda v: v >= 0, ">= 0"),
-        ("loss.l2_weight", loss.l2_weight, lambda v: v >= 0, ">= 0"),
-        ("loss.quantizer_weight", loss.quantizer_weight, lambda v: v >= 0, ">= 0"),
-        ("loss.perceptual.weight", loss.perceptual.weight, lambda v: v >= 0, ">= 0"),
-        ("loss.adversarial.weight", adversarial.weight, lambda v: v >= 0, ">= 0"),
-        ("loss.adversarial.start", adversarial.start, lambda v: v >= 0, ">= 0"),
-        ("loss.adversarial.lecam_weight", adversarial.lecam_weight, lambda v: v >= 0, ">= 0"),
-        ("loss.adversarial.lecam_decay", adversarial.lecam_decay, lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("optim.lr", optim.lr, lambda v: v > 0, "> 0"),
-        ("optim.weight_decay", optim.weight_decay, lambda v: v >= 0, ">= 0"),
-        ("optim.warmup_steps", optim.warmup_steps, lambda v: v >= 0, ">= 0"),
-        ("optim.min_lr_ratio", optim.min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
-        ("optim.grad_clip", optim.grad_clip, lambda v: v >= 0, ">= 0 (0 = no clipping)"),
-        ("optim.finite_check_every", optim.finite_check_every, lambda v: isinstance(v, int) and v >= 0,
-         "an integer >= 0 (0 = only before checkpoints and validation)"),
-        ("optim.betas", optim.betas, lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-        ("ema.decay", ema.decay, lambda v: 0 <= v < 1, "in [0, 1)"),
-    ]
-    for name, value, rule, expected in rules:
-        try:
-            ok = not isinstance(value, (bool, str)) and rule(value)
-        except TypeError:
-            ok = False
-        if not ok:
-            raise VistokError(f"{name} is {value!r} but must be {expected}; fix that setting.")
-
-
-def default_token_counts(max_tokens: int) -> list[int]:
-    """K/8, K/4, K/2, K (those >= 1, without repeats)."""
-    return sorted({max(1, max_tokens // d) for d in (8, 4, 2, 1)})
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float):
@@ -195,8 +87,9 @@ class TokenizerModule(pl.LightningModule):
 
     Args:
         tokenizer: ``build_tokenizer`` kwargs (plain mapping, quantizer included).
-        loss, optim, ema, validation: mappings of :class:`LossSettings`, :class:`OptimSettings`,
-            :class:`EMASettings`, :class:`ValidationSettings` (unknown keys are an error).
+        loss, optim, ema, validation: the blocks of the same names in configs/train.yaml; keys left
+            out take their defaults from there, unknown keys are an error
+            (:mod:`vistok.tokenizers.training.settings`).
         compile: ``torch.compile`` the tokenizer's training forward.
 
     Batches are ``{"image": (B, 3, H, W) float in [0, 1]}``.
@@ -272,12 +165,13 @@ class TokenizerModule(pl.LightningModule):
     def _check_token_counts(self, counts: list[int] | None) -> list[int]:
         k_max = self.tokenizer.max_tokens
         if counts is None:
-            return default_token_counts(k_max)
+            return halving_token_counts(k_max)
         if not counts:
             raise VistokError("validation.token_counts is empty; list at least one token count, or set it to null for K/8, K/4, K/2, K.")
         bad = [k for k in counts if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= k_max]
         if bad:
-            raise VistokError(f"validation.token_counts has {bad[0]!r}, but this model has {k_max} tokens per image; use token counts from 1 to {k_max}.")
+            raise VistokError(f"validation.token_counts has {bad[0]!r}, but the model has {k_max} tokens per image; "
+                              f"use token counts from 1 to {k_max}, or validation.token_counts=null for K/8, K/4, K/2, K.")
         return sorted(set(counts))
 
     @property
@@ -467,21 +361,19 @@ class TokenizerModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_finite()  # never write a checkpoint of diverged weights
         state = checkpoint["state_dict"]
-        ema_state = {key[len(EMA_PREFIX):]: state.pop(key) for key in list(state) if key.startswith(EMA_PREFIX)}
-        for key in [key for key in state if key.startswith(PERCEPTUAL_PREFIX)]:
-            del state[key]  # frozen LPIPS weights come from their own file
-        if not ema_state:  # EMA off: the model is its own average, so export finds the same keys
-            ema_state = {key[len("tokenizer."):]: value for key, value in state.items() if key.startswith("tokenizer.")}
-        checkpoint["ema_state_dict"] = ema_state
+        # EMA off: the model is its own average, so export finds the same keys
+        checkpoint["ema_state_dict"] = strip_prefix(state, EMA_PREFIX) or strip_prefix(state, TOKENIZER_PREFIX)
+        # the EMA copy now lives in ema_state_dict, and frozen LPIPS weights come from their own file
+        for key in [key for key in state if key.startswith((EMA_PREFIX, PERCEPTUAL_PREFIX))]:
+            del state[key]
         checkpoint["vistok"] = {"metrics": dict(self.last_val_metrics), "step": int(self.global_step),
-                                "version": VISTOK_VERSION}
+                                "version": vistok_version()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
         if self.ema is not None:
-            source = checkpoint.get("ema_state_dict") or {
-                key[len("tokenizer."):]: value for key, value in state.items() if key.startswith("tokenizer.")}
-            state.update({EMA_PREFIX + key: value for key, value in source.items()})
+            source = checkpoint.get("ema_state_dict") or strip_prefix(state, TOKENIZER_PREFIX)
+            state.update(add_prefix(source, EMA_PREFIX))
         if self.perceptual is not None:
-            state.update({PERCEPTUAL_PREFIX + key: value for key, value in self.perceptual.state_dict().items()})
+            state.update(add_prefix(self.perceptual.state_dict(), PERCEPTUAL_PREFIX))
         self.last_val_metrics = dict(checkpoint.get("vistok", {}).get("metrics", {}))
