@@ -1,4 +1,5 @@
-"""Reading webdataset shards for training and validation: :class:`ShardDataModule`.
+"""Reading webdataset shards for training and validation: :class:`ShardDataModule`, and
+:class:`SampleDataModule` over the embedded default's shards (:mod:`vistok.data.sample`).
 
 Training stream (per rank, per DataLoader worker)::
 
@@ -36,6 +37,7 @@ import webdataset as wds
 from PIL import Image
 
 from vistok.data.images import center_square, exif_orientation, load_rgb, open_image, resize_center_crop, to_rgb
+from vistok.data.sample import sample_shard_urls
 from vistok.data.shards import expand_shard_urls, find_image_field
 from vistok.tokenizers.errors import VistokError
 
@@ -593,9 +595,9 @@ class ShardDataModule(L.LightningDataModule):
         if self.train_urls is None and self.val_urls is None:
             raise VistokError("data.train_urls is not set; give the training shards, e.g. 'shards/shard-{000000..000099}.tar'")
         if self.train_urls is not None:
-            self._train_list = expand_shard_urls(_plain(self.train_urls), setting="data.train_urls")
+            self._train_list = expand_shard_urls(self.train_urls, setting="data.train_urls")
         if self.val_urls is not None:
-            self._val_list = expand_shard_urls(_plain(self.val_urls), setting="data.val_urls")
+            self._val_list = expand_shard_urls(self.val_urls, setting="data.val_urls")
 
     def check_settings(self, multiple_of: int | None = None) -> None:
         """The checks of :meth:`validate` that need no file access."""
@@ -659,6 +661,55 @@ class ShardDataModule(L.LightningDataModule):
         )
 
 
-def _plain(urls: Any) -> str | list[str]:
-    """Hydra hands lists over as ListConfig; webdataset wants a str or a real list."""
-    return urls if isinstance(urls, str) else [str(u) for u in urls]
+class SampleDataModule(ShardDataModule):
+    """:class:`ShardDataModule` over the embedded scikit-image shards (built on first use).
+
+    Takes every :class:`ShardDataModule` setting except the URLs, plus ``data_dir`` (default
+    ``$VISTOK_DATA_DIR`` or ``~/.cache/vistok``), ``crops_per_photo`` (training crops per
+    photograph) and ``val_crops_per_photo``.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 256,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        shuffle_buffer: int = 500,
+        batches_per_epoch: int = 500,
+        crop: str = "random_resized",
+        scale: Sequence[float] = (0.8, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+        val_batch_size: int | None = None,
+        seed: int = 0,
+        multiple_of: int | None = None,
+        persistent_workers: bool = False,
+        data_dir: str | None = None,
+        crops_per_photo: int = 128,
+        val_crops_per_photo: int = 32,
+    ):
+        super().__init__(
+            train_urls=None, val_urls=None, image_size=image_size, batch_size=batch_size,
+            num_workers=num_workers, shuffle_buffer=shuffle_buffer, batches_per_epoch=batches_per_epoch,
+            crop=crop, scale=scale, ratio=ratio, hflip=hflip, val_batch_size=val_batch_size, seed=seed,
+            multiple_of=multiple_of, persistent_workers=persistent_workers,
+        )
+        self.data_dir = data_dir
+        self.crops_per_photo = crops_per_photo
+        self.val_crops_per_photo = val_crops_per_photo
+
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per node before setup(); building here means the
+        # other ranks find the shards ready.
+        self._locate()
+
+    def _locate(self) -> None:
+        self.train_urls, self.val_urls = sample_shard_urls(
+            self.image_size, data_dir=self.data_dir, crops_per_photo=self.crops_per_photo,
+            val_crops_per_photo=self.val_crops_per_photo, seed=self.seed,
+        )
+
+    def validate(self, multiple_of: int | None = None) -> None:
+        self.check_settings(multiple_of)  # cheap checks first: no build for a bad batch size
+        self._locate()
+        super().validate(multiple_of)

@@ -4,7 +4,7 @@ A new user has no dataset, but scikit-image ships real photographs inside its wh
 first use they are cut into random square crops at the training resolution and written as
 train and validation shards (whole photographs are held out for validation, never crops of
 training photos), cached under ``$VISTOK_DATA_DIR/sample/`` (default ``~/.cache/vistok/sample/``)
-and reused afterwards. The shards are read by the same :class:`ShardDataModule` as real data.
+and reused afterwards. :class:`vistok.data.datamodule.SampleDataModule` reads them like any other shards.
 
 Only images that load from the installed package without a download are used (skimage's
 ``cells3d``, ``brain``, ``eagle``, ``kidney``, ``lily``, ``skin``, ... need pooch and a network);
@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vistok.data.datamodule import ShardDataModule
 from vistok.data.shards import EncodedSample, encode_image, write_samples
 from vistok.tokenizers.errors import VistokError
 
@@ -214,57 +213,3 @@ def sample_shard_urls(
         sorted(str(p) for p in (folder / "train").glob("shard-*.tar")),
         sorted(str(p) for p in (folder / "val").glob("shard-*.tar")),
     )
-
-
-class SampleDataModule(ShardDataModule):
-    """:class:`ShardDataModule` over the embedded scikit-image shards (built on first use).
-
-    Takes every :class:`ShardDataModule` setting except the URLs, plus ``data_dir`` (default
-    ``$VISTOK_DATA_DIR`` or ``~/.cache/vistok``), ``crops_per_photo`` (training crops per
-    photograph) and ``val_crops_per_photo``.
-    """
-
-    def __init__(
-        self,
-        image_size: int = 256,
-        batch_size: int = 32,
-        num_workers: int = 2,
-        shuffle_buffer: int = 500,
-        batches_per_epoch: int = 500,
-        crop: str = "random_resized",
-        scale: Sequence[float] = (0.8, 1.0),
-        ratio: Sequence[float] = (3 / 4, 4 / 3),
-        hflip: bool = True,
-        val_batch_size: int | None = None,
-        seed: int = 0,
-        multiple_of: int | None = None,
-        persistent_workers: bool = False,
-        data_dir: str | None = None,
-        crops_per_photo: int = 128,
-        val_crops_per_photo: int = 32,
-    ):
-        super().__init__(
-            train_urls=None, val_urls=None, image_size=image_size, batch_size=batch_size,
-            num_workers=num_workers, shuffle_buffer=shuffle_buffer, batches_per_epoch=batches_per_epoch,
-            crop=crop, scale=scale, ratio=ratio, hflip=hflip, val_batch_size=val_batch_size, seed=seed,
-            multiple_of=multiple_of, persistent_workers=persistent_workers,
-        )
-        self.data_dir = data_dir
-        self.crops_per_photo = crops_per_photo
-        self.val_crops_per_photo = val_crops_per_photo
-
-    def prepare_data(self) -> None:
-        # Lightning runs this on one process per node before setup(); building here means the
-        # other ranks find the shards ready.
-        self._locate()
-
-    def _locate(self) -> None:
-        self.train_urls, self.val_urls = sample_shard_urls(
-            self.image_size, data_dir=self.data_dir, crops_per_photo=self.crops_per_photo,
-            val_crops_per_photo=self.val_crops_per_photo, seed=self.seed,
-        )
-
-    def validate(self, multiple_of: int | None = None) -> None:
-        self.check_settings(multiple_of)  # cheap checks first: no build for a bad batch size
-        self._locate()
-        super().validate(multiple_of)

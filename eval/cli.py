@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise VistokError("pass a TOKENIZER (exported directory or .ckpt) and DATA (image folder, shards or 'sample'), "
                           "or --reference DIR --reconstructions DIR.")
 
-    from vistok.eval.score import resolve_device, score_folders, score_tokenizer, summary
+    from vistok.eval.score import score_folders, score_tokenizer, summary
+    from vistok.tokenizers.device import resolve_device
 
     resolve_device(args.device)  # before any loading: a missing GPU is the first thing to hear about
     common = dict(limit=args.limit, batch_size=args.batch_size, device=args.device, inception_weights=args.inception_weights,

@@ -1,9 +1,11 @@
-"""Writing score reports: atomic files (JSON, CSV) and the summary table printed at the end."""
+"""Score reports: the CSV of rows (written atomically) and the summary table printed at the end.
+
+JSON goes through :func:`vistok.tokenizers.atomic.atomic_write_json`, which also turns NaN/inf into null.
+"""
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -13,26 +15,6 @@ from typing import Any
 from vistok.tokenizers.atomic import atomic_write_text
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return atomic_write_text(path, text)
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf become None (JSON has no such numbers); keys become strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    return write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
-
-
 def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> Path:
     """One line per row; missing values are empty cells."""
     buffer = io.StringIO()
@@ -40,7 +22,7 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]], fields: S
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in fields})
-    return write_text(path, buffer.getvalue())
+    return atomic_write_text(path, buffer.getvalue())
 
 
 def _cell(value: Any) -> str:

@@ -24,10 +24,14 @@ import torch
 from torch import Tensor
 
 from vistok.data.images import list_images, load_rgb, resize_center_crop, to_tensor
-from vistok.eval.metrics import ReconstructionEvaluator, bits_per_token, load_networks
+from vistok.data.sources import iter_image_source
+from vistok.eval.metrics import ReconstructionEvaluator, bits_per_token
+from vistok.eval.pretrained import load_networks
 from vistok.eval.plots import plot_rate_distortion, save_reconstruction_grid
 from vistok.eval.rate_distortion import ROW_FIELDS, parse_token_counts, rate_distortion
-from vistok.eval.report import format_table, write_csv, write_json
+from vistok.eval.report import format_table, write_csv
+from vistok.tokenizers.atomic import atomic_write_json
+from vistok.tokenizers.device import resolve_device
 from vistok.tokenizers.errors import VistokError
 
 PROTOCOL = {
@@ -45,24 +49,6 @@ PROTOCOL = {
 SUMMARY_COLUMNS = ("method", "num_tokens", "bits_per_image", "bytes_per_image", "quality", "psnr", "ssim", "lpips", "rfid", "usage", "perplexity")
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """"cpu", "cuda" or "cuda:N" (None: cuda when available); VistokError when CUDA is asked for but absent."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise VistokError(f"--device {device!r} is not a device; use cpu or cuda (cuda:N for another GPU).") from None
-    if resolved.type not in ("cpu", "cuda"):
-        raise VistokError(f"--device {device!r} is not supported; use cpu or cuda.")
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise VistokError("--device cuda was requested but PyTorch sees no CUDA device (torch.cuda.is_available() is False); use --device cpu.")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise VistokError(f"--device {device} names GPU {resolved.index}, but only {torch.cuda.device_count()} are visible; use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
-    return resolved
-
-
 def _check_positive(name: str, value: Any, kind: type = int) -> None:
     if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0
                               or (kind is int and int(value) != value) or not math.isfinite(value)):
@@ -72,8 +58,6 @@ def _check_positive(name: str, value: Any, kind: type = int) -> None:
 def sized_images(source: str, image_size: int, limit: int | None, resize: bool) -> Iterator[tuple[str, Tensor]]:
     """(name, (3, S, S) float [0, 1]) from ``source``; resized and centre-cropped to S unless ``resize`` is False,
     in which case an image of another size is refused with a VistokError naming it."""
-    from vistok.data.images import iter_image_source
-
     for name, image in iter_image_source(source, image_size if resize else None, limit):
         if tuple(image.shape[1:]) != (image_size, image_size):
             raise VistokError(
@@ -191,7 +175,7 @@ def write_tokenizer_outputs(report: dict[str, Any], examples: dict[Any, Tensor],
     if examples:
         files["grid"] = str(save_reconstruction_grid(examples, out_dir / "reconstructions.png", title=title))
     files["json"] = str(out_dir / "report.json")
-    write_json(out_dir / "report.json", {**report, "files": files})
+    atomic_write_json(out_dir / "report.json", {**report, "files": files})
     return files
 
 
@@ -302,7 +286,7 @@ def score_folders(reference: str | os.PathLike, reconstructions: str | os.PathLi
         fields = ("method", "num_images", "psnr", "ssim", "lpips", "rfid")
         files = {"csv": str(write_csv(out_dir / "scores.csv", [row], fields)), "json": str(out_dir / "report.json")}
         report["files"] = files
-        write_json(out_dir / "report.json", report)
+        atomic_write_json(out_dir / "report.json", report)
     return report
 
 

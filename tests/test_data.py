@@ -23,6 +23,7 @@ import vistok.cli as vistok_cli
 from vistok.data import sample as sample_mod
 from vistok.data.datamodule import (
     EpochResampledShards,
+    SampleDataModule,
     SharedEpoch,
     ShardDataModule,
     TrainTransform,
@@ -32,9 +33,10 @@ from vistok.data.datamodule import (
     random_resized_box,
     split_by_rank,
 )
-from vistok.data.images import iter_image_source, list_images, load_rgb, resize_center_crop, to_pil, to_tensor
-from vistok.data.sample import VAL_PHOTOS, SampleDataModule, build_sample_shards, sample_shard_urls
+from vistok.data.images import list_images, load_rgb, resize_center_crop, to_pil, to_tensor
+from vistok.data.sample import VAL_PHOTOS, build_sample_shards, sample_shard_urls
 from vistok.data.shards import encode_image, expand_shard_urls, read_index, write_shards
+from vistok.data.sources import iter_image_source
 from vistok.tokenizers.errors import VistokError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,10 +22,9 @@ import torch
 from PIL import Image
 
 import vistok.cli as vistok_cli
-from vistok.eval import baselines, metrics
+from vistok.eval import baselines, metrics, pretrained
 from vistok.eval.metrics import (
     CodebookUsage,
-    FIDInceptionV3,
     MeanPSNR,
     ReconstructionEvaluator,
     ReconstructionFID,
@@ -33,7 +32,17 @@ from vistok.eval.metrics import (
     frechet_distance,
     psnr_per_image,
 )
-from vistok.eval.rate_distortion import adaptive_lengths, choose_lengths, decode_prefixes, default_token_counts, parse_token_counts, rate_distortion
+from vistok.eval.pretrained import FIDInceptionV3
+from vistok.eval.rate_distortion import (
+    adaptive_lengths,
+    choose_lengths,
+    decode_prefixes,
+    halving_token_counts,
+    parse_token_counts,
+    power_of_two_token_counts,
+    rate_distortion,
+)
+from vistok.tokenizers.atomic import atomic_write_json
 from vistok.tokenizers.errors import VistokError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,16 +188,16 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(inception64):
 
 
 def test_missing_weights_give_a_sentence_and_bad_files_an_error(tmp_path, no_weights):
-    net, note = metrics.load_inception()
-    assert net is None and str(no_weights) in note and metrics.INCEPTION_URL in note and "--inception-weights" in note
-    net, note = metrics.load_lpips()
-    assert net is None and metrics.VGG16_FILENAME in note and "--lpips-weights" in note
+    net, note = pretrained.load_inception()
+    assert net is None and str(no_weights) in note and pretrained.INCEPTION_URL in note and "--inception-weights" in note
+    net, note = pretrained.load_lpips()
+    assert net is None and pretrained.VGG16_FILENAME in note and "--lpips-weights" in note
     with pytest.raises(VistokError, match="do not exist"):
-        metrics.load_inception(tmp_path / "missing.pth")
+        pretrained.load_inception(tmp_path / "missing.pth")
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"<html>not weights</html>")
     with pytest.raises(VistokError, match="cannot be read"):
-        metrics.load_lpips(bad)
+        pretrained.load_lpips(bad)
 
 
 def test_fid_inception_loads_from_a_file_and_resizes_the_tf1_way(tmp_path, monkeypatch):
@@ -205,13 +214,13 @@ def test_fid_inception_loads_from_a_file_and_resizes_the_tf1_way(tmp_path, monke
     # A weights file made here from a randomly initialised network of the same architecture.
     random_net = FIDInceptionV3(None)
     torch.save(random_net.state_dict(), tmp_path / "inception.pth")
-    loaded, note = metrics.load_inception(tmp_path / "inception.pth")
+    loaded, note = pretrained.load_inception(tmp_path / "inception.pth")
     assert note is None and loaded.num_features == 2048
     images = smooth_images(2)
     features = loaded(images)
     assert features.shape == (2, 2048) and torch.isfinite(features).all()
     assert calls == [(torch.float32, (299, 299), False)]  # TF1 bilinear, no antialiasing
-    assert torch.equal(features, random_net(metrics.to_uint8(images)))
+    assert torch.equal(features, random_net(pretrained.to_uint8(images)))
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.train().training
 
 
@@ -220,7 +229,7 @@ def test_lpips_loads_its_vgg16_backbone_from_a_file(tmp_path):
 
     # torchvision's VGG16 feature layers, randomly initialised, saved under the checkpoint's key names.
     torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, tmp_path / "vgg16.pth")
-    lpips_net, note = metrics.load_lpips(tmp_path / "vgg16.pth")
+    lpips_net, note = pretrained.load_lpips(tmp_path / "vgg16.pth")
     images = smooth_images(2)
     same = lpips_net(images * 2 - 1, images * 2 - 1).flatten()
     noisy = lpips_net(images * 2 - 1, (images + 0.2 * torch.randn_like(images)).clamp(0, 1) * 2 - 1).flatten()
@@ -351,8 +360,11 @@ def test_thumbnail_codec():
 
 
 def test_token_counts_default_and_parsing():
-    assert default_token_counts(48) == [1, 2, 4, 8, 16, 32, 48]
-    assert default_token_counts(32) == [1, 2, 4, 8, 16, 32]
+    assert power_of_two_token_counts(48) == [1, 2, 4, 8, 16, 32, 48]  # vistok score's default
+    assert power_of_two_token_counts(32) == [1, 2, 4, 8, 16, 32]
+    assert parse_token_counts(None, 48) == power_of_two_token_counts(48)
+    assert halving_token_counts(48) == [6, 12, 24, 48]  # training validation's default: K/8, K/4, K/2, K
+    assert halving_token_counts(4) == [1, 2, 4]
     assert parse_token_counts("16, 4,4", 32) == [4, 16]
     for bad in ("0", "33", "4.5", "x", ""):
         with pytest.raises(VistokError):
@@ -440,6 +452,18 @@ def test_score_writes_report_csv_and_plots(tiny_ckpt, image_folder, tmp_path, no
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_report_json_is_strict_json(tmp_path):
+    """A metric that could not be computed (NaN, inf), tensors and numpy numbers all become plain JSON."""
+    data = {"psnr": float("nan"), "rfid": float("inf"), "counts": torch.tensor([2, 8]), "ssim": np.float32(0.5), 3: (1, 2)}
+    path = atomic_write_json(tmp_path / "report.json", data)
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"psnr": None, "rfid": None, "counts": [2, 8], "ssim": 0.5, "3": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
 def test_score_reference_and_reconstruction_folders(tmp_path, no_weights, capsys):
     reference = write_images(tmp_path / "ref", 4, size=(24, 20))
     recon = tmp_path / "rec" / "sub"
@@ -480,6 +504,7 @@ def _bad_inputs(tmp: Path, ckpt: Path, images: Path) -> dict[str, tuple[list[str
         "bad batch size": (["score", t, d, "--batch-size", "0"], "positive whole number"),
         "one folder only": (["score", "--reference", str(ref)], "go together"),
         "no arguments": (["score"], "pass a TOKENIZER"),
+        "unknown device": (["score", t, d, "--device", "nope"], "--device 'nope' is not a device; use auto, cpu, cuda or cuda:N."),
     }
 
 

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 import vistok
 import vistok.cli as vistok_cli
-from vistok.data.images import iter_image_source, to_pil
+from vistok.data.images import to_pil
+from vistok.data.sources import iter_image_source
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.export import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, export_checkpoint, load, load_with_metadata
 from vistok.tokenizers.model import build_tokenizer
@@ -378,6 +379,17 @@ def test_a_prefix_decodes_and_is_announced(exported, image_folder, tmp_path, cap
     assert cli("encode", exported, image_folder / "img3.png", "--num-tokens", "9", "--out", tmp_path / "x.npz") == 2
     assert "outside 1..8" in capsys.readouterr().err
     assert not (tmp_path / "more").exists() and not (tmp_path / "x.npz").exists()
+
+
+def test_an_unknown_device_is_one_sentence_naming_the_flag(exported, image_folder, tmp_path, capsys):
+    tokens_file = tmp_path / "tokens.npz"
+    assert cli("encode", exported, image_folder / "img0.png", "--out", tokens_file, "--device", "cpu") == 0
+    capsys.readouterr()
+    for command, source, out in (("encode", image_folder / "img0.png", tmp_path / "x.npz"), ("decode", tokens_file, tmp_path / "recon")):
+        assert cli(command, exported, source, "--out", out, "--device", "nope") == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"vistok {command}: error: --device 'nope' is not a device; use auto, cpu, cuda or cuda:N."]
+        assert not out.exists()
 
 
 def test_decode_refuses_tokens_of_another_codebook(exported, image_folder, tmp_path, capsys):

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -55,6 +56,20 @@ def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = False) -
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")), fsync=fsync)
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with everything JSON cannot hold made plain: NaN/inf -> None, keys -> str,
+    tuples -> lists, tensors and numpy arrays or scalars -> Python numbers and lists."""
+    if hasattr(value, "tolist"):  # torch.Tensor, np.ndarray, np.float32 (duck-typed: no torch import here)
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON readers reject NaN and Infinity
+    if isinstance(value, Mapping):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def atomic_write_json(path: str | os.PathLike, data: Any, fsync: bool = False) -> Path:
-    """Write ``data`` as indented JSON (with a final newline), atomically."""
-    return atomic_write_text(path, json.dumps(data, indent=2) + "\n", fsync=fsync)
+    """Write ``data`` as indented JSON (with a final newline), atomically; see :func:`json_safe`."""
+    return atomic_write_text(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n", fsync=fsync)

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from vistok.tokenizers.atomic import atomic_write
+from vistok.tokenizers.device import resolve_device
 from vistok.tokenizers.errors import VistokError
 
 NPZ_FORMAT = "vistok-tokens"
@@ -73,20 +74,6 @@ def run(args: argparse.Namespace) -> int:
 # Helpers
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise VistokError(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:N or auto.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VistokError(f"--device {name} asks for CUDA, which this machine does not have; use --device cpu.")
-    return device
-
-
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise VistokError(f"--batch-size must be at least 1, got {batch_size}.")
@@ -118,7 +105,7 @@ def _count_images(sources: list[str]) -> int | None:
 
 def _iter_images(sources: list[str], image_size: int) -> Iterator[tuple[str, Any]]:
     """(name, (3, H, W) float [0, 1]) for every image of every source, refusing duplicate names."""
-    from vistok.data.images import iter_image_source
+    from vistok.data.sources import iter_image_source
 
     seen: dict[str, str] = {}
     for source in sources:
@@ -210,11 +197,11 @@ def _encode(args: argparse.Namespace) -> int:
     from vistok.tokenizers.export import load_with_metadata, vistok_version
 
     _check_batch_size(args.batch_size)
+    device = resolve_device(args.device)
     loaded = load_with_metadata(args.tokenizer)
     tokenizer = loaded.tokenizer
     _check_num_tokens(args.num_tokens, tokenizer.max_tokens)
     k = tokenizer.max_tokens if args.num_tokens is None else args.num_tokens
-    device = _device(args.device)
     tokenizer.to(device)
     out = Path(args.out)
     if out.is_dir():
@@ -284,6 +271,7 @@ def _decode(args: argparse.Namespace) -> int:
     from vistok.tokenizers.export import load_with_metadata
 
     _check_batch_size(args.batch_size)
+    device = resolve_device(args.device)
     path = Path(args.tokens)
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -320,7 +308,6 @@ def _decode(args: argparse.Namespace) -> int:
     if k < available:
         print(f"decoding a prefix: the first {k} of the {available} tokens per image in {path}")
 
-    device = _device(args.device)
     tokenizer.to(device)
     targets = png_paths(names)
     for start in range(0, len(names), args.batch_size):

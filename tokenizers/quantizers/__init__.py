@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from vistok.tokenizers.containers import plain
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.quantizers.base import Quantizer, QuantizerOutput, code_stats, counts_stats
 from vistok.tokenizers.quantizers.fsq import FSQ
@@ -56,15 +57,6 @@ for _package in (PACKAGE, LEGACY_PACKAGE):
         _TARGETS[f"{_package}.{_MODULE_OF[_name]}.{_name}"] = _cls
 
 
-def _plain(value: Any) -> Any:
-    """Lists and mappings from OmegaConf (ListConfig, DictConfig) to plain Python containers."""
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
-        return [_plain(item) for item in value]
-    return value
-
-
 def build_quantizer(config: Mapping[str, Any]) -> Quantizer:
     """Build a quantizer from ``{"_target_": "vistok.tokenizers.quantizers.<Class>", **kwargs}``.
 
@@ -72,7 +64,7 @@ def build_quantizer(config: Mapping[str, Any]) -> Quantizer:
     """
     if not isinstance(config, Mapping):
         raise VistokError(f"A quantizer config must be a mapping with a '_target_' key, got {type(config).__name__}.")
-    kwargs = _plain(config)
+    kwargs = plain(config)
     target = kwargs.pop("_target_", None)
     cls = _TARGETS.get(target) if isinstance(target, str) else None
     if cls is None:

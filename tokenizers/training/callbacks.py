@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.loggers import WandbLogger
 
-from vistok.tokenizers.atomic import atomic_write
+from vistok.tokenizers.atomic import atomic_write, atomic_write_json
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -46,11 +45,6 @@ def save_png(image: torch.Tensor, path: Path) -> Path:
         handle.write(buffer.getvalue())
 
     atomic_write(path, write)
-    return path
-
-
-def write_json(data: Any, path: Path) -> Path:
-    atomic_write(path, lambda handle: handle.write((json.dumps(data, indent=2) + "\n").encode()))
     return path
 
 
@@ -78,7 +72,7 @@ class RunArtifacts(pl.Callback):
                     counts = ", ".join(str(k) for k in getattr(pl_module, "val_token_counts", []))
                     logger.log_image("val/reconstructions", [str(self.grid_path)], step=step,
                                      caption=[f"rows: originals, then {counts} tokens"])
-        write_json({"step": step, "metrics": dict(pl_module.last_val_metrics)}, self.run_dir / "metrics.json")
+        atomic_write_json(self.run_dir / "metrics.json", {"step": step, "metrics": dict(pl_module.last_val_metrics)})
 
 
 def tensor_fingerprints(module: torch.nn.Module) -> dict[str, str]:
@@ -109,8 +103,8 @@ class RankConsistencyCheck(pl.Callback):
         torch.distributed.all_gather_object(gathered, prints)
         differing = sorted(name for name in prints if len({ranks[name] for ranks in gathered}) > 1)
         if trainer.is_global_zero:
-            write_json({"world_size": trainer.world_size, "step": trainer.global_step, "differing": differing,
-                        "ranks": gathered}, self.run_dir / "rank_consistency.json")
+            record = {"world_size": trainer.world_size, "step": trainer.global_step, "differing": differing, "ranks": gathered}
+            atomic_write_json(self.run_dir / "rank_consistency.json", record)
         if differing:
             raise RuntimeError(f"the {trainer.world_size} ranks ended with different values of {len(differing)} tensor(s), "
                                f"first {differing[0]}: data-parallel replicas diverged")
