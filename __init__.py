@@ -18,6 +18,9 @@ The names below are imported on first use, so ``import vistok`` stays cheap (no 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 _EXPORTS = {
@@ -33,6 +36,20 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+
+def hide_checkout(folder: str | os.PathLike | None = None) -> None:
+    """Drop ``folder`` (default: this package's folder) from ``sys.path``.
+
+    ``python -m vistok ...`` or ``python train.py`` run in an editable checkout's root put that
+    folder first on ``sys.path``; its ``tokenizers/``, ``data/`` and ``eval/`` folders would then
+    hide Hugging Face's ``tokenizers`` (which transformers and torchmetrics import) and any other
+    package of those names. vistok's own entry points call this first; vistok itself is always
+    imported as the ``vistok`` package, never from there.
+    """
+    folder = Path(folder if folder is not None else __file__).resolve()
+    folder = folder.parent if folder.is_file() else folder
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != folder]
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from vistok import hide_checkout
+
 # name -> (module with add_arguments(parser, name) and run(args) -> int | None, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vistok.train", "train a tokenizer: vistok train [experiment=NAME] [group=option ...] [key=value ...]"),
@@ -42,6 +44,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hide_checkout()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
         from vistok.train import main as train

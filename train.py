@@ -13,17 +13,15 @@ import sys
 from pathlib import Path
 
 if __name__ == "__main__":
-    # Python put this script's folder first on sys.path; in a checkout that folder holds
-    # tokenizers/, data/ and eval/, which would hide Hugging Face's `tokenizers` (and anything
-    # else named data or eval) from every import below. vistok comes from its installation.
-    _HERE = Path(__file__).resolve().parent
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
     try:
-        import vistok  # noqa: F401
+        from vistok import hide_checkout
     except ModuleNotFoundError:
         print("train.py: error: vistok is not installed in this Python environment; install it first "
               "(pip install -e . in this folder, as README.md shows).", file=sys.stderr)
         raise SystemExit(2) from None
+    # Python put this script's folder first on sys.path; in a checkout it holds tokenizers/, data/
+    # and eval/, which must not hide Hugging Face's `tokenizers` (and others) from the imports below.
+    hide_checkout(Path(__file__).resolve().parent)
 
 import logging
 
@@ -31,7 +29,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vistok.tokenizers.errors import VistokError
-from vistok.tokenizers.training.run import CONFIG_DIR, compose_problem
+from vistok.tokenizers.training.settings import CONFIG_DIR
 
 # How this process was started: the command's name for error sentences (train.py or vistok train)
 # and the original sys.argv, which Lightning's DDP launcher replays to start the other ranks.
@@ -66,6 +64,65 @@ def _train(cfg: DictConfig) -> None:
         raise SystemExit(1) from None
     if result.table:
         print(result.table)
+
+
+def compose_problem(argv: list[str]) -> str | None:
+    """One sentence for command-line arguments Hydra would refuse, or None.
+
+    Hydra reports a missing group option (quantizer=nope), a key that is not in the config or a
+    malformed override with several lines, a hint about HYDRA_FULL_ERROR and exit status 1;
+    composing the config here first keeps the project's rule (one sentence, exit status 2).
+    ``--config-dir DIR`` (``-cd``) adds a folder of the user's own option files to the search
+    path, as Hydra does. Runs with Hydra's other flags (-m, --cfg, --help, ...) and sweeps are
+    left to Hydra.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, MissingConfigException
+
+    overrides, config_dirs = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg in ("--config-dir", "-cd"):
+            config_dirs.append(next(args, ""))
+        elif arg.startswith("--config-dir="):
+            config_dirs.append(arg.split("=", 1)[1])
+        elif arg.startswith("-"):
+            return None
+        else:
+            overrides.append(arg)
+    for folder in config_dirs:
+        if not Path(folder).expanduser().is_dir():
+            return f"--config-dir {folder or '(empty)'} is not a folder; pass the folder that holds your own option files (e.g. experiment/my_run.yaml)."
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as error:
+        return _one_sentence(error)
+    if any(override.is_sweep_override() for override in parsed):
+        return None
+    if config_dirs:
+        if any(override.key_or_group == "hydra.searchpath" for override in parsed):
+            return None  # both ways of extending the search path at once: Hydra merges them itself
+        paths = ",".join(f"file://{Path(folder).expanduser().resolve()}" for folder in config_dirs)
+        overrides = [*overrides, f"hydra.searchpath=[{paths}]"]
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            compose("train", overrides=overrides)
+    except MissingConfigException as error:
+        group, _, choice = str(error.missing_cfg_file or "").rpartition("/")
+        if group and error.options is not None:
+            where = f"configs/{group}/" + (" or your --config-dir" if config_dirs else "")
+            return f"unknown {group} '{choice}'; choose one of {', '.join(sorted(error.options))} (files in {where})."
+        return _one_sentence(error)
+    except HydraException as error:
+        return _one_sentence(error)
+    return None
+
+
+def _one_sentence(error: Exception) -> str:
+    lines = [line.strip().rstrip(".") for line in str(error).splitlines() if line.strip() and not line.startswith("See https")]
+    text = "; ".join(line[:1].lower() + line[1:] for line in lines[:2])
+    return text + "."
 
 
 def main(argv: list[str] | None = None, prog: str = "train.py") -> int:

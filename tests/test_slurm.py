@@ -1,7 +1,7 @@
 """SLURM support, tested without a cluster.
 
 What runs for real: slurm/train.sbatch (bash), train.py, Lightning's DDP on CPU with gloo, Lightning's
-SLURMEnvironment with vistok's checkpoint-and-requeue on SIGUSR1 (tokenizers/slurm.py), and (when the
+SLURMEnvironment with vistok's checkpoint-and-requeue on SIGUSR1 (tokenizers/training/slurm.py), and (when the
 optional `slurm` extra is installed) hydra-submitit-launcher and submitit. What is emulated: SLURM's own commands. Small stand-ins for
 `sbatch`, `srun`, `scontrol` and `sacct` (the "fake SLURM" at the bottom of this file, run as
 `python tests/test_slurm.py --fake-slurm CMD ...`) are put first on PATH:
@@ -246,6 +246,21 @@ def test_sbatch_run_directory_of_an_array_element_and_an_explicit_one(tmp_path):
     subprocess.run(["bash", str(SBATCH_SCRIPT)], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=60)
     assert f"run_dir='{project / 'old-runs' / 'vistok-4321'}'" in (tmp_path / "args").read_text().splitlines()
     assert (project / "old-runs" / "vistok-4321").is_dir()
+
+
+def test_sbatch_outside_a_checkout_runs_the_installed_vistok(tmp_path):
+    """Submitted from a folder of one's own (no train.py there), the job runs `python -m vistok train`."""
+    recorder = tmp_path / "record-task"
+    recorder.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD_DIR/args"\n')
+    recorder.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = _batch_env(tmp_path, PYTHON=str(recorder), RECORD_DIR=str(tmp_path), VISTOK_ROOT=str(work))
+    subprocess.run(["bash", str(SBATCH_SCRIPT), "experiment=demo"], cwd=tmp_path, env=env, check=True,
+                   capture_output=True, timeout=60)
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[:4] == ["-m", "vistok", "train", "trainer=ddp"] and args[-1] == "experiment=demo"
+    assert any(arg.startswith("run_dir='/") for arg in args)
 
 
 @pytest.mark.parametrize("change, message", [

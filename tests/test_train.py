@@ -21,7 +21,8 @@ from vistok.tokenizers.training.callbacks import AtomicCheckpointIO
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.model import build_tokenizer
 from vistok.tokenizers.training.module import TrainingDiverged
-from vistok.tokenizers.training.run import CONFIG_DIR, list_checkpoints, resolve_resume, run_training
+from vistok.tokenizers.training.run import list_checkpoints, resolve_resume, run_training
+from vistok.tokenizers.training.settings import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,9 +241,34 @@ def test_settings_are_checked_before_training(data_dir, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_every_setting_has_one_default_and_it_is_train_yaml():
+    from dataclasses import MISSING, fields, is_dataclass
+
+    from vistok.tokenizers.containers import plain
+    from vistok.tokenizers.training import settings
+    from vistok.tokenizers.training.module import TokenizerModule
+
+    classes = [cls for cls in vars(settings).values() if isinstance(cls, type) and is_dataclass(cls)]
+    assert len(classes) == 6
+    for cls in classes:  # names and types only: a value here would be a second default
+        assert all(f.default is MISSING and f.default_factory is MISSING for f in fields(cls)), cls
+    tokenizer = {"arch": "titok", "preset": "tiny", "image_size": 16, "patch_size": 4, "num_tokens": 8, "width": 16,
+                 "depth": 1, "heads": 2, "quantizer": {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [5, 3, 3]}}
+    composed = make_cfg("~experiment")  # train.yaml as `vistok train` composes it, no experiment on top
+    module = TokenizerModule(tokenizer)  # from Python, nothing given: the same values
+    for block in settings.BLOCKS:
+        assert module.hparams[block] == plain(composed[block]), block
+    # a partial nested block keeps train.yaml's other values; a key that is no setting is an error naming it
+    module = TokenizerModule(tokenizer, loss={"adversarial": {"weight": 0.1, "num_layers": 1}})
+    assert module.hparams["loss"]["adversarial"] == {**plain(composed.loss.adversarial), "weight": 0.1, "num_layers": 1}
+    with pytest.raises(VistokError, match=r"unknown setting\(s\) loss\.adversarial\.wieght;"):
+        TokenizerModule(tokenizer, loss={"adversarial": {"wieght": 0.1}})
+    assert module.val_token_counts == [1, 2, 4, 8]  # validation.token_counts: null is K/8, K/4, K/2, K
+
+
 def test_train_py_config_errors_exit_2_with_one_sentence(tmp_path):
     for args, message in (
-        (["quantizer=nope"], "unknown quantizer 'nope'; choose one of fsq, lfq, soft, vq"),
+        (["quantizer=nope"], "unknown quantizer 'nope'; choose one of fsq, fsq_flextok, lfq, soft, vq, vq_titok, vq_vqgan"),
         (["validation.token_counts=[1,64]", f"run_dir={tmp_path / 'run'}"], "validation.token_counts has 64"),
     ):
         result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True, check=False,

@@ -36,13 +36,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vistok.tokenizers.training.callbacks import AtomicCheckpointIO, RankConsistencyCheck, RunArtifacts
+from vistok.tokenizers.containers import plain
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.training.module import TokenizerModule
 
 log = logging.getLogger(__name__)
 
-# The Hydra configs ship inside the package (package data), so an installed vistok trains from any folder.
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # Top-level keys of configs/train.yaml (experiment/ merges into the others); anything else is refused.
 TOP_LEVEL = {"name", "seed", "run_dir", "resume", "compile", "loss", "optim", "ema", "validation",
              "model", "quantizer", "data", "trainer", "logger", "callbacks"}
@@ -89,75 +88,7 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# The command line, checked before Hydra runs
-
-
-def compose_problem(argv: list[str]) -> str | None:
-    """One sentence for command-line arguments Hydra would refuse, or None.
-
-    Hydra reports a missing group option (quantizer=nope), a key that is not in the config or a
-    malformed override with several lines, a hint about HYDRA_FULL_ERROR and exit status 1;
-    composing the config here first keeps the project's rule (one sentence, exit status 2).
-    ``--config-dir DIR`` (``-cd``) adds a folder of the user's own option files to the search
-    path, as Hydra does. Runs with Hydra's other flags (-m, --cfg, --help, ...) and sweeps are
-    left to Hydra.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException, MissingConfigException
-
-    overrides, config_dirs = [], []
-    args = iter(argv)
-    for arg in args:
-        if arg in ("--config-dir", "-cd"):
-            config_dirs.append(next(args, ""))
-        elif arg.startswith("--config-dir="):
-            config_dirs.append(arg.split("=", 1)[1])
-        elif arg.startswith("-"):
-            return None
-        else:
-            overrides.append(arg)
-    for folder in config_dirs:
-        if not Path(folder).expanduser().is_dir():
-            return f"--config-dir {folder or '(empty)'} is not a folder; pass the folder that holds your own option files (e.g. experiment/my_run.yaml)."
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as error:
-        return _one_sentence(error)
-    if any(override.is_sweep_override() for override in parsed):
-        return None
-    if config_dirs:
-        if any(override.key_or_group == "hydra.searchpath" for override in parsed):
-            return None  # both ways of extending the search path at once: Hydra merges them itself
-        paths = ",".join(f"file://{Path(folder).expanduser().resolve()}" for folder in config_dirs)
-        overrides = [*overrides, f"hydra.searchpath=[{paths}]"]
-    try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            compose("train", overrides=overrides)
-    except MissingConfigException as error:
-        group, _, choice = str(error.missing_cfg_file or "").rpartition("/")
-        if group and error.options is not None:
-            where = f"configs/{group}/" + (" or your --config-dir" if config_dirs else "")
-            return f"unknown {group} '{choice}'; choose one of {', '.join(sorted(error.options))} (files in {where})."
-        return _one_sentence(error)
-    except HydraException as error:
-        return _one_sentence(error)
-    return None
-
-
-def _one_sentence(error: Exception) -> str:
-    lines = [line.strip().rstrip(".") for line in str(error).splitlines() if line.strip() and not line.startswith("See https")]
-    text = "; ".join(line[:1].lower() + line[1:] for line in lines[:2])
-    return text + "."
-
-
-# ---------------------------------------------------------------------------------------------
 # Pieces built from the config (each raises VistokError naming the setting)
-
-
-def plain(node: Any) -> Any:
-    """OmegaConf node -> plain Python containers (resolved); anything else as it is."""
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def tokenizer_config(cfg: DictConfig) -> dict[str, Any]:
