@@ -35,8 +35,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vistok.tokenizers.training.callbacks import AtomicCheckpointIO, RankConsistencyCheck, RunArtifacts
+from vistok.tokenizers.atomic import atomic_write_text
 from vistok.tokenizers.containers import plain
+from vistok.tokenizers.training.callbacks import AtomicCheckpointIO, RankConsistencyCheck, RunArtifacts
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.training.module import TokenizerModule
 
@@ -274,11 +275,7 @@ def _write_config(cfg: DictConfig, run_dir: Path) -> None:
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)  # the directory actually used (Hydra resolved ${now:} once)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    from vistok.tokenizers.atomic import atomic_write
-
-    text = OmegaConf.to_yaml(cfg, resolve=True)
-    atomic_write(run_dir / "config.yaml", lambda handle: handle.write(text.encode()))
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # creates run_dir
 
 
 # ---------------------------------------------------------------------------------------------
