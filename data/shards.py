@@ -34,7 +34,7 @@ import webdataset as wds
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vistok.data.images import IMAGE_EXTENSIONS, exif_orientation, list_images, open_image, resize_center_crop, to_rgb
-from vistok.tokenizers.atomic import atomic_write_json
+from vistok.tokenizers.atomic import atomic_write_json, check_writable
 from vistok.tokenizers.errors import VistokError
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ class _AtomicShardSink:
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> list[Path]:
     if out_dir.exists() and not out_dir.is_dir():
         raise VistokError(f"the output {out_dir} is a file; give a folder for the shards")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, "OUT", create=True)
     existing = _shard_paths(out_dir)
     if (existing or (out_dir / INDEX_NAME).exists()) and not overwrite:
         raise VistokError(

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--inception-weights", metavar="PATH", help="FID Inception weights file (default: the torch hub cache)")
     parser.add_argument("--lpips-weights", metavar="PATH", help="torchvision VGG16 weights for LPIPS (default: the torch hub cache)")
     parser.add_argument("--target-psnr", type=float, metavar="DB", help="also pick per image the fewest tokens reaching this PSNR")
-    parser.add_argument("--out", metavar="DIR", help="output folder (default outputs/score/<name>)")
+    parser.add_argument("--out", metavar="DIR", help="output folder, created before scoring (default outputs/score/<run>-<name>, e.g. outputs/score/a-last for runs/a/checkpoints/last.ckpt)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--no-resize", action="store_true", help="refuse images whose size differs instead of resizing them")
     parser.add_argument("--codecs", default="jpeg,webp", metavar="LIST", help="baselines at matched bytes: jpeg,webp (default) or none")
@@ -46,6 +46,17 @@ def _codecs(value: str) -> tuple[str, ...]:
     if unknown:
         raise VistokError(f"--codecs does not know {unknown[0]!r}; use a comma-separated list of {', '.join(CODECS)}, or none.")
     return names
+
+
+def default_name(tokenizer: Path) -> str:
+    """The default output folder name for a tokenizer path, unique per run: the run folder's name
+    joined to the file's (runs/a/checkpoints/last.ckpt -> a-last, runs/a/export -> a-export), so
+    every run's last.ckpt gets its own report instead of all sharing outputs/score/last."""
+    path = tokenizer.resolve()
+    stem = path.stem if path.is_file() else path.name
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    parts = [part for part in (run_dir.name, stem) if part]
+    return "-".join(parts) or "tokenizer"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = Path(args.tokenizer)
         if not tokenizer.exists():
             raise VistokError(f"the tokenizer {tokenizer} does not exist; pass an exported tokenizer directory (vistok export) or a training .ckpt.")
-        out = Path(args.out) if args.out else Path("outputs") / "score" / (tokenizer.resolve().stem or "tokenizer")
+        out = Path(args.out) if args.out else Path("outputs") / "score" / default_name(tokenizer)
         report = score_tokenizer(tokenizer, args.data, args.num_tokens, target_psnr=args.target_psnr, out_dir=out,
                                  codecs=_codecs(args.codecs), num_examples=args.examples, **common)
     print(summary(report))

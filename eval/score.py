@@ -14,6 +14,7 @@ file names (relative path without extension), and writes ``report.json`` and ``s
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,9 +31,11 @@ from vistok.eval.pretrained import load_networks
 from vistok.eval.plots import plot_rate_distortion, save_reconstruction_grid
 from vistok.eval.rate_distortion import ROW_FIELDS, parse_token_counts, rate_distortion
 from vistok.eval.report import format_table, write_csv
-from vistok.tokenizers.atomic import atomic_write_json
+from vistok.tokenizers.atomic import atomic_write_json, check_writable
 from vistok.tokenizers.device import resolve_device
 from vistok.tokenizers.errors import VistokError
+
+log = logging.getLogger(__name__)
 
 PROTOCOL = {
     "rounding": "originals and reconstructions rounded to 8 bits (round(x*255)) before every metric",
@@ -127,6 +130,8 @@ def score_tokenizer(tokenizer: Any | str | os.PathLike, data: str, token_counts:
     if first is None:
         raise VistokError(f"{data} yielded no images; point DATA at a folder of images, shard URLs or 'sample'.")
     inception, lpips, notes = load_networks(inception_weights, lpips_weights)
+    if out_dir is not None:  # before the scoring, which a late failure to write would waste
+        check_writable(out_dir, "--out", create=True)
 
     def all_images() -> Iterator[tuple[str, Tensor]]:
         yield first
@@ -179,8 +184,25 @@ def write_tokenizer_outputs(report: dict[str, Any], examples: dict[Any, Tensor],
     return files
 
 
-def _match_names(reference: Path, reconstructions: Path) -> list[tuple[str, Path, Path]]:
-    """(name, reference file, reconstruction file) matched by relative path without extension."""
+def _read_image(file: Path) -> tuple[Any, str | None]:
+    """(upright RGB PIL image, None), or (None, why it cannot be read)."""
+    try:
+        return load_rgb(file), None
+    except Exception as error:  # any decode failure: the file is skipped, as `vistok encode` skips it
+        return None, f"{type(error).__name__}: {error}"
+
+
+def _skip(skipped: list[dict[str, str]], name: str, file: Path, reason: str) -> None:
+    log.warning("skipped %s: %s", file, reason)
+    skipped.append({"name": name, "path": str(file), "reason": reason})
+
+
+def _match_names(reference: Path, reconstructions: Path, skipped: list[dict[str, str]]) -> list[tuple[str, Path, Path]]:
+    """(name, reference file, reconstruction file) matched by relative path without extension.
+
+    A reference without a reconstruction that cannot be read is appended to ``skipped`` (``vistok
+    encode`` skipped it too, so it has no reconstruction); any other unmatched name is an error.
+    """
     def index(folder: Path, flag: str) -> dict[str, Path]:
         if not folder.exists():
             raise VistokError(f"{flag} {folder} does not exist; pass a folder of images.")
@@ -198,7 +220,14 @@ def _match_names(reference: Path, reconstructions: Path) -> list[tuple[str, Path
         return named
 
     refs, recs = index(reference, "--reference"), index(reconstructions, "--reconstructions")
-    missing = sorted(set(refs) - set(recs))
+    missing = []
+    for name in sorted(set(refs) - set(recs)):
+        _, reason = _read_image(refs[name])
+        if reason is None:
+            missing.append(name)
+        else:
+            _skip(skipped, name, refs[name], reason)
+            del refs[name]
     extra = sorted(set(recs) - set(refs))
     if missing or extra:
         parts = []
@@ -210,11 +239,17 @@ def _match_names(reference: Path, reconstructions: Path) -> list[tuple[str, Path
     return [(name, refs[name], recs[name]) for name in sorted(refs)]
 
 
-def _load_pair(name: str, reference: Path, reconstruction: Path, resize: bool) -> tuple[Tensor, Tensor]:
+def _load_pair(name: str, reference: Path, reconstruction: Path, resize: bool,
+               skipped: list[dict[str, str]]) -> tuple[Tensor, Tensor] | None:
+    """(reference, reconstruction) as (3, H, W) [0, 1]; None (and a skip) for an unreadable reference."""
+    ref, reason = _read_image(reference)
+    if reason is not None:
+        _skip(skipped, name, reference, reason)
+        return None
     try:
-        ref, rec = load_rgb(reference), load_rgb(reconstruction)
+        rec = load_rgb(reconstruction)
     except Exception as error:
-        raise VistokError(f"cannot read the images for '{name}' ({type(error).__name__}: {error}); replace the unreadable file.") from None
+        raise VistokError(f"cannot read the reconstruction {reconstruction} ({type(error).__name__}: {error}); replace the unreadable file.") from None
     if ref.size != rec.size:
         square = rec.size[0] == rec.size[1]
         if not resize or not square:
@@ -236,46 +271,58 @@ def score_folders(reference: str | os.PathLike, reconstructions: str | os.PathLi
 
     Names are relative paths without extension (``a/x.png`` matches ``a/x.jpg``). A reference of
     another size than its reconstruction is resized (shorter side) and centre-cropped to it, unless
-    ``resize`` is False. Every unmatched name is an error naming the first few.
+    ``resize`` is False. An unreadable reference is skipped with a warning and listed under
+    ``skipped`` in the report (``vistok encode`` skips such files, so they have no reconstruction);
+    every other unmatched name is an error naming the first few.
     """
     _check_positive("--batch-size", batch_size)
     _check_positive("--limit", limit)
     device = resolve_device(device)
-    pairs = _match_names(Path(reference).expanduser(), Path(reconstructions).expanduser())[:limit]
-    first = _load_pair(*pairs[0], resize)  # a size mismatch fails before the networks load
+    skipped: list[dict[str, str]] = []
+    pairs = _match_names(Path(reference).expanduser(), Path(reconstructions).expanduser(), skipped)[:limit]
+    loaded = (pair for pair in (_load_pair(*names, resize, skipped) for names in pairs) if pair is not None)
+    first = next(loaded, None)  # a size mismatch fails before the networks load
+    if first is None:
+        raise VistokError(f"--reference {reference} holds no readable image with a reconstruction ({len(skipped)} skipped); check the folders.")
     inception, lpips, notes = load_networks(inception_weights, lpips_weights)
+    if out_dir is not None:  # before the scoring, which a late failure to write would waste
+        check_writable(out_dir, "--out", create=True)
     evaluator = ReconstructionEvaluator([0], inception=inception, lpips=lpips, notes=notes).to(device)
 
+    num_images = 0
+
     def flush(refs: list[Tensor], recs: list[Tensor]) -> None:
+        nonlocal num_images
         evaluator.update(torch.stack(refs).to(device), torch.stack(recs).to(device))
+        num_images += len(refs)
+        if bar is not None:
+            bar.update(len(refs))
 
     bar = _progress(len(pairs), "scoring") if progress else None
     refs, recs = [first[0]], [first[1]]
     try:
-        for name, ref_path, rec_path in pairs[1:]:
-            ref, rec = _load_pair(name, ref_path, rec_path, resize)
+        for ref, rec in loaded:
             if len(refs) == batch_size or ref.shape != refs[0].shape:  # a batch holds one image size
                 flush(refs, recs)
-                if bar is not None:
-                    bar.update(len(refs))
                 refs, recs = [], []
             refs.append(ref)
             recs.append(rec)
         flush(refs, recs)
-        if bar is not None:
-            bar.update(len(refs))
     finally:
         if bar is not None:
             bar.close()
     values = evaluator.compute()[0]
-    if len(pairs) < 2 and inception is not None:
+    if num_images < 2 and inception is not None:
         notes.append("rFID needs at least two images; score more images to get it.")
-    row = {"method": "reconstructions", "num_images": len(pairs),
+    if skipped:
+        notes.append(f"skipped {len(skipped)} unreadable reference image(s) (listed under 'skipped' in report.json), as `vistok encode` skips them.")
+    row = {"method": "reconstructions", "num_images": num_images,
            **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
     report: dict[str, Any] = {
         "reference": str(reference),
         "reconstructions": str(reconstructions),
-        "num_images": len(pairs),
+        "num_images": num_images,
+        "skipped": {"count": len(skipped), "files": skipped},
         "protocol": {k: PROTOCOL[k] for k in ("rounding", "psnr", "ssim", "lpips", "rfid")}
                     | {"resize": "a reference of another size is resized (shorter side, bicubic) and centre-cropped to its reconstruction"},
         "rows": [row],

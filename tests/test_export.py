@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -308,7 +309,7 @@ def test_a_corrupted_or_foreign_checkpoint_is_refused(ckpt, tmp_path, capsys):
 
     # weights_only loading must refuse to build arbitrary objects (here a pathlib.Path).
     torch.save({"hyper_parameters": {"tokenizer": tmp_path}}, tmp_path / "pickled.ckpt")
-    with pytest.raises(VistokError, match="never unpickles arbitrary objects"):
+    with pytest.raises(VistokError, match="other than tensors and plain values, which vistok never unpickles"):
         load(tmp_path / "pickled.ckpt")
 
     with pytest.raises(VistokError, match="does not exist"):
@@ -419,3 +420,39 @@ def test_png_names_stay_inside_the_output_directory():
 
     paths = [p.as_posix() for p in png_paths(["../../etc/x.jpg", "/abs/y.png", "a.jpg", "a.png", "key0001"])]
     assert paths == ["_/_/etc/x.png", "abs/y.png", "a.jpg.png", "a.png.png", "key0001.png"]
+
+
+def test_files_that_are_not_checkpoints_or_token_files_are_named_so(exported, tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("model: titok\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    for name in ("config.yaml", "photo.jpg", "empty.ckpt"):
+        assert cli("info", tmp_path / name) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and f"{tmp_path / name} is not a PyTorch checkpoint" in err[0], err
+        assert "weights_only" not in err[0]
+    (tmp_path / "tokens.txt").write_text("1 2 3\n")
+    assert cli("decode", exported, tmp_path / "tokens.txt", "--out", tmp_path / "png") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "tokens.txt is not an .npz file" in err[0] and "pickle" not in err[0], err
+
+
+def test_a_checkpoint_folder_given_to_export_gets_a_hint_without_a_doubled_folder(ckpt, tmp_path):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    with pytest.raises(VistokError, match=re.escape(f"such as {folder / 'last.ckpt'}.")):
+        export_checkpoint(folder, tmp_path / "out")
+    with pytest.raises(VistokError, match=re.escape(f"such as {folder / 'last.ckpt'}.")):
+        export_checkpoint(folder.parent, tmp_path / "out")  # the run folder: its checkpoints/last.ckpt
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_exported_files_follow_the_umask(ckpt, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        out = export_checkpoint(ckpt.path, tmp_path / "tok")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == {WEIGHTS_FILE: 0o666 & ~umask, CONFIG_FILE: 0o666 & ~umask, "README.md": 0o666 & ~umask}
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from vistok.tokenizers.errors import VistokError
+
 
 def current_umask() -> int:
     """The process umask (reading it means setting it, so set it straight back)."""
@@ -42,6 +44,35 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_writable(path: str | os.PathLike, label: str, *, folder: bool = True, create: bool = False) -> Path:
+    """Check that the output ``path`` (a folder, or a file when not ``folder``) can be written.
+
+    Commands call this before any work, so an output that cannot be written (a path under a
+    regular file, a read-only place) is one sentence naming ``label`` (e.g. "--out") and the fix,
+    not a traceback after minutes of work. ``create`` makes the folder (or the file's folder) now;
+    otherwise nothing is left behind. The nearest existing folder is tested by creating and
+    removing a probe file: ``os.access`` says yes to root even where the file system refuses.
+    Returns ``path``.
+    """
+    path = Path(path).expanduser()
+    directory = path if folder else path.parent
+    existing = next(p for p in (directory, *directory.parents) if p.exists() or p.is_symlink() or p == p.parent)
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        raise VistokError(f"{label} {path} {where}; choose a path that is not inside a file.")
+    try:
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+            existing = directory
+        fd, probe = tempfile.mkstemp(prefix=".vistok-write-check.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise VistokError(f"{label} {path} cannot be written ({reason} in {existing}); choose a location you can write to.") from None
+    return path
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], fsync: bool = False) -> Path:

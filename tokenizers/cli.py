@@ -23,12 +23,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from vistok.tokenizers.atomic import atomic_write
+from vistok.tokenizers.atomic import atomic_write, check_writable
 from vistok.tokenizers.device import resolve_device
 from vistok.tokenizers.errors import VistokError
 
 NPZ_FORMAT = "vistok-tokens"
 NPZ_FORMAT_VERSION = 1
+NPZ_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive
 PROGRESS_MIN_IMAGES = 8  # below this a progress bar is noise
 
 
@@ -161,6 +162,9 @@ def _read_tokens(path: Path) -> dict[str, Any]:
 
     if not path.is_file():
         raise VistokError(f"{path} does not exist; pass an .npz written by `vistok encode`.")
+    with open(path, "rb") as handle:
+        if handle.read(len(NPZ_MAGIC)) != NPZ_MAGIC:  # else numpy reads a text file as a refused pickle
+            raise VistokError(f"{path} is not an .npz file (an .npz is a zip archive, this file is not); pass an .npz written by `vistok encode`.")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
@@ -198,14 +202,15 @@ def _encode(args: argparse.Namespace) -> int:
 
     _check_batch_size(args.batch_size)
     device = resolve_device(args.device)
+    out = Path(args.out)
+    if out.is_dir():
+        raise VistokError(f"--out {out} is a directory; give the path of the .npz file to write, e.g. {out / 'tokens.npz'}.")
+    check_writable(out, "--out", folder=False)
     loaded = load_with_metadata(args.tokenizer)
     tokenizer = loaded.tokenizer
     _check_num_tokens(args.num_tokens, tokenizer.max_tokens)
     k = tokenizer.max_tokens if args.num_tokens is None else args.num_tokens
     tokenizer.to(device)
-    out = Path(args.out)
-    if out.is_dir():
-        raise VistokError(f"--out {out} is a directory; give the path of the .npz file to write, e.g. {out / 'tokens.npz'}.")
 
     total = _count_images(args.images)
     names: list[str] = []
@@ -276,6 +281,7 @@ def _decode(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise VistokError(f"--out {out_dir} is a file; give a directory for the PNGs.")
+    check_writable(out_dir, "--out")
     data = _read_tokens(path)
     loaded = load_with_metadata(args.tokenizer)
     tokenizer = loaded.tokenizer

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from vistok.tokenizers.atomic import current_umask
+from vistok.tokenizers.atomic import atomic_path, check_writable, current_umask
 from vistok.tokenizers.errors import VistokError
 
 FORMAT_VERSION = 1
@@ -57,6 +57,9 @@ INPUT_CONVENTION = {
 
 # The training module's state_dict holds the tokenizer's weights under this prefix (its attribute name).
 TOKENIZER_PREFIX = "tokenizer."
+# torch.save writes a zip archive; files from before PyTorch 1.6 (and _use_new_zipfile_serialization=False) a pickle.
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_MAGIC = b"\x80"
 
 
 @functools.cache
@@ -104,6 +107,17 @@ def add_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return {prefix + key: value for key, value in state.items()}
 
 
+def _checkpoint_in(directory: Path) -> Path:
+    """A checkpoint to suggest for a directory given where a .ckpt was expected."""
+    for candidate in (directory / "last.ckpt", directory / "checkpoints" / "last.ckpt"):
+        if candidate.is_file():
+            return candidate
+    found = sorted(directory.glob("*.ckpt"))
+    if found:
+        return found[-1]
+    return directory / "last.ckpt" if directory.name == "checkpoints" else directory / "checkpoints" / "last.ckpt"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a vistok training checkpoint with ``weights_only=True`` and check its layout.
 
@@ -112,16 +126,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     if path.is_dir():
-        raise VistokError(f"{path} is a directory, not a checkpoint file; pass a .ckpt file such as {path / 'checkpoints' / 'last.ckpt'}.")
+        raise VistokError(f"{path} is a directory, not a checkpoint file; pass a .ckpt file such as {_checkpoint_in(path)}.")
     if not path.is_file():
         raise VistokError(f"checkpoint {path} does not exist; pass the path of a .ckpt file written by train.py.")
+    with open(path, "rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        what = "an empty file" if not head else "neither a zip archive nor a pickle, the two forms torch.save writes"
+        raise VistokError(f"{path} is not a PyTorch checkpoint ({what}); pass a .ckpt written by train.py or an exported tokenizer directory.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except pickle.UnpicklingError:
         raise VistokError(
-            f"{path} holds Python objects that weights_only loading refuses ({first[:120]}), and vistok never "
-            "unpickles arbitrary objects; pass a checkpoint written by vistok's train.py."
+            f"{path} is a PyTorch file holding Python objects other than tensors and plain values, which vistok "
+            "never unpickles (torch.load(weights_only=True) refuses them); pass a checkpoint written by vistok's train.py."
         ) from None
     except Exception as error:  # torch raises RuntimeError, EOFError, OSError, KeyError... for bad files
         detail = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
@@ -335,6 +353,9 @@ def _check_out_dir(out_dir: Path, ckpt_path: Path, force: bool) -> None:
         # --force replaces the whole directory: never let that delete the checkpoint being exported.
         if out_dir.resolve() in ckpt_path.resolve().parents:
             raise VistokError(f"{out_dir} contains the checkpoint {ckpt_path} and --force would delete it; export to another directory.")
+    check_writable(out_dir, "OUT_DIR")
+    if out_dir.is_dir():  # replaced by a rename in its parent folder
+        check_writable(out_dir.parent, "the folder holding OUT_DIR")
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -442,17 +463,18 @@ def export_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         weights = tmp / WEIGHTS_FILE
-        save_file(
-            tensors,
-            str(weights),
-            metadata={
-                "format": "pt",
-                "vistok_format_version": str(FORMAT_VERSION),
-                # A second copy of the architecture: a config.json edited after export is caught
-                # even when the edit leaves every tensor shape unchanged.
-                "vistok_tokenizer": json.dumps(config["tokenizer"], sort_keys=True),
-            },
-        )
+        with atomic_path(weights) as weights_tmp:  # safetensors writes 0600; atomic_path gives the umask's mode
+            save_file(
+                tensors,
+                str(weights_tmp),
+                metadata={
+                    "format": "pt",
+                    "vistok_format_version": str(FORMAT_VERSION),
+                    # A second copy of the architecture: a config.json edited after export is caught
+                    # even when the edit leaves every tensor shape unchanged.
+                    "vistok_tokenizer": json.dumps(config["tokenizer"], sort_keys=True),
+                },
+            )
         config["weights"]["sha256"] = _sha256_file(weights)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / CARD_FILE).write_text(model_card(config))
