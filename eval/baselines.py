@@ -1,9 +1,11 @@
-"""Classical baselines at a bit budget: JPEG and WebP (Pillow) at matched file sizes, and a thumbnail codec.
+"""Classical baselines at a bit budget: JPEG and WebP (Pillow) within a file size, and a thumbnail codec.
 
 JPEG uses Pillow's defaults besides quality (baseline, 4:2:0 chroma subsampling, standard
 tables); WebP is lossy WebP at Pillow's default effort (method 4). File sizes are the complete
 files, headers included, which dominate at the lowest budgets (a JPEG file is rarely under
-~300 bytes, a WebP file under ~40), exactly as a user storing the image would pay for them.
+~300 bytes, a WebP file under ~40), exactly as a user storing the image would pay for them. Below
+those sizes a codec cannot reach a budget at all (:attr:`CodecMatch.fits`); the thumbnail codec
+(the largest 8-bit RGB thumbnail that fits, scaled back up) reaches every budget of 24 bits or more.
 """
 from __future__ import annotations
 
@@ -78,42 +80,44 @@ def webp_psnr(images: Tensor, quality: int) -> tuple[float, float]:
     return codec_psnr(images, "webp", quality)
 
 
-def closest_quality(size_at: Callable[[int], int], target_bytes: float) -> int:
-    """The quality in 1..100 whose file size is closest to ``target_bytes`` (ties: the lower quality).
+def quality_within(size_at: Callable[[int], int], budget: float) -> int:
+    """The highest quality in 1..100 whose file size is at most ``budget`` bytes; 1 when none fits.
 
-    Bisects for the lowest quality whose size reaches the target (sizes grow with quality up to
-    small codec wiggles), then compares it with its neighbour below: ~8 encodes per search.
-    ``size_at(quality)`` should be cached by the caller when several targets share an image.
+    Bisects on the sizes, which grow with quality up to small codec wiggles: ~7 encodes per search.
+    A codec must not spend more bytes than the tokens it is compared with, so the match is the
+    best file within the budget, never the closest one above it. ``size_at(quality)`` should be
+    cached by the caller when several budgets share an image.
     """
     lo, hi = QUALITIES[0], QUALITIES[-1]
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if size_at(mid) >= target_bytes:
-            hi = mid
+    while lo < hi:  # invariant: every quality above hi is over budget
+        mid = (lo + hi + 1) // 2
+        if size_at(mid) <= budget:
+            lo = mid
         else:
-            lo = mid + 1
-    candidates = sorted({lo, max(QUALITIES[0], lo - 1)})
-    return min(candidates, key=lambda q: (abs(size_at(q) - target_bytes), q))
+            hi = mid - 1
+    return lo
 
 
 @dataclass
 class CodecMatch:
-    """A codec at the quality matching one byte target, per image.
+    """A codec at the highest quality within one byte budget, per image.
 
-    reconstruction: (B, 3, H, W) decoded images in [0, 1]. nbytes, quality: (B,) long.
+    reconstruction: (B, 3, H, W) decoded images in [0, 1]. nbytes, quality: (B,) long. fits: (B,)
+    bool, False where even quality 1 is larger than the budget (the codec cannot reach that rate).
     """
 
     target_bytes: float
     reconstruction: Tensor
     nbytes: Tensor
     quality: Tensor
+    fits: Tensor
 
 
 def codec_at_bytes(images: Tensor, codec: str, target_bytes: Sequence[float]) -> list[CodecMatch]:
-    """Per image, the quality whose file size is closest to each target, and its decoded result.
+    """Per image, the highest quality whose file fits each byte budget, and its decoded result.
 
-    images: (B, 3, H, W) in [0, 1]. Returns one :class:`CodecMatch` per target, in order. Encodes
-    are cached per image across targets, so many targets cost little more than one.
+    images: (B, 3, H, W) in [0, 1]. Returns one :class:`CodecMatch` per budget, in order. Encodes
+    are cached per image across budgets, so many budgets cost little more than one.
     """
     _check_codec(codec)
 
@@ -126,18 +130,20 @@ def codec_at_bytes(images: Tensor, codec: str, target_bytes: Sequence[float]) ->
                 files[quality] = encode(pil, codec, quality)
             return len(files[quality])
 
-        chosen = [closest_quality(size_at, target) for target in target_bytes]
-        return [(q, files[q]) for q in chosen]
+        chosen = [quality_within(size_at, budget) for budget in target_bytes]
+        return [(q, files[q] if q in files else encode(pil, codec, q)) for q in chosen]
 
-    per_target = list(zip(*[search(image) for image in images.cpu()]))  # [target][image]
+    per_target = list(zip(*[search(image) for image in images.cpu()]))  # [budget][image]
     matches = []
     for target, chosen in zip(target_bytes, per_target):
         decoded = torch.stack([decode(data) for _, data in chosen]).to(images.device)
+        nbytes = torch.tensor([len(data) for _, data in chosen], dtype=torch.long)
         matches.append(CodecMatch(
             target_bytes=float(target),
             reconstruction=decoded,
-            nbytes=torch.tensor([len(data) for _, data in chosen], dtype=torch.long),
+            nbytes=nbytes,
             quality=torch.tensor([q for q, _ in chosen], dtype=torch.long),
+            fits=nbytes <= target,
         ))
     return matches
 
@@ -158,6 +164,13 @@ def thumbnail_size(height: int, width: int, bits: float) -> tuple[int, int] | No
             break
         best = (h, w)
     return best
+
+
+def thumbnail_bits(height: int, width: int, bits: float) -> int:
+    """The bits the thumbnail codec stores for an image of ``height`` x ``width`` at a budget of ``bits``
+    (at most ``bits``; 0 when not even one pixel fits)."""
+    size = thumbnail_size(height, width, bits)
+    return 0 if size is None else size[0] * size[1] * THUMBNAIL_BITS_PER_PIXEL
 
 
 def thumbnail_reconstruct(images: Tensor, bits: float) -> Tensor:

@@ -30,21 +30,22 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--out", metavar="DIR", help="output folder, created before scoring (default outputs/score/<run>-<name>, e.g. outputs/score/a-last for runs/a/checkpoints/last.ckpt)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--no-resize", action="store_true", help="refuse images whose size differs instead of resizing them")
-    parser.add_argument("--codecs", default="jpeg,webp", metavar="LIST", help="baselines at matched bytes: jpeg,webp (default) or none")
+    parser.add_argument("--codecs", default="jpeg,webp,thumbnail", metavar="LIST",
+                        help="baselines at the tokens' rate: jpeg,webp,thumbnail (default), a subset, or none")
     parser.add_argument("--examples", type=int, default=8, metavar="N", help="images in the reconstruction grid (default 8)")
     parser.add_argument("--reference", metavar="DIR", help="folder of original images (with --reconstructions)")
     parser.add_argument("--reconstructions", metavar="DIR", help="folder of reconstructions named like their originals")
 
 
 def _codecs(value: str) -> tuple[str, ...]:
-    from vistok.eval.baselines import CODECS
+    from vistok.eval.rate_distortion import BASELINES
 
     names = tuple(n.strip().lower() for n in value.split(",") if n.strip())
     if names in ((), ("none",)):
         return ()
-    unknown = [n for n in names if n not in CODECS]
+    unknown = [n for n in names if n not in BASELINES]
     if unknown:
-        raise VistokError(f"--codecs does not know {unknown[0]!r}; use a comma-separated list of {', '.join(CODECS)}, or none.")
+        raise VistokError(f"--codecs does not know {unknown[0]!r}; use a comma-separated list of {', '.join(BASELINES)}, or none.")
     return names
 
 

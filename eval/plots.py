@@ -19,23 +19,35 @@ from vistok.tokenizers.atomic import atomic_path  # noqa: E402
 QUALITY_METRICS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS (lower is better)"), ("rfid", "rFID (lower is better)"))
 
 
-def plot_rate_distortion(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+def plot_rate_distortion(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = "",
+                         adaptive: Mapping[str, Any] | None = None) -> Path:
     """One panel per measured metric (PSNR, SSIM, LPIPS, rFID) against bytes per image, log x axis,
-    one line per method (tokenizer, jpeg, webp); the tokenizer's points are labelled with k."""
+    one line per method (tokenizer, jpeg, webp, thumbnail); the tokenizer's points are labelled with k.
+
+    Baseline points that could not reach the tokens' rate (``within_budget`` < 1) are drawn hollow.
+    ``adaptive`` (the ``--target-psnr`` summary) adds its mean bytes and mean PSNR as a star.
+    """
     methods = list(dict.fromkeys(row["method"] for row in rows))
     metrics = [(key, label) for key, label in QUALITY_METRICS if any(row.get(key) is not None for row in rows)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
     for ax, (key, label) in zip(axes[0], metrics):
         for method in methods:
-            points = sorted((row["bytes_per_image"], row[key], row["num_tokens"]) for row in rows
-                            if row["method"] == method and row.get(key) is not None and row.get("bytes_per_image"))
+            points = sorted((row["bytes_per_image"], row[key], row["num_tokens"], row.get("within_budget") in (None, 1.0))
+                            for row in rows if row["method"] == method and row.get(key) is not None and row.get("bytes_per_image"))
             if not points:
                 continue
-            xs, ys, ks = zip(*points)
-            ax.plot(xs, ys, marker="o", label=method)
+            xs, ys, ks, reached = zip(*points)
+            (line,) = ax.plot(xs, ys, marker="o", label=method)
+            missed = [(x, y) for x, y, ok in zip(xs, ys, reached) if not ok]
+            if missed:
+                ax.plot(*zip(*missed), linestyle="none", marker="o", markerfacecolor="white", color=line.get_color(),
+                        label=f"{method}: over the tokens' bytes")
             if method == "tokenizer":
-                for x, y, k in points:
+                for x, y, k in zip(xs, ys, ks):
                     ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        if key == "psnr" and adaptive and adaptive.get("mean_bits_per_image"):
+            ax.plot([adaptive["mean_bits_per_image"] / 8], [adaptive["mean_psnr"]], linestyle="none", marker="*",
+                    markersize=12, color="black", label=f"target {adaptive['target_psnr']:g} dB: {adaptive['mean_tokens']:.1f} tokens")
         ax.set_xscale("log")
         ax.set_xlabel("bytes per image")
         ax.set_ylabel(label)

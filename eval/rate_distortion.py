@@ -1,9 +1,11 @@
-"""Rate-distortion of a tokenizer against JPEG and WebP, and quality-controlled token counts.
+"""Rate-distortion of a tokenizer against JPEG, WebP and a thumbnail, and quality-controlled token counts.
 
 For each batch the tokens are encoded once at the maximum K; every requested prefix length is
 decoded from them in batched decodes (the prefixes are stacked along the batch dimension with
-``decode``'s ``lengths``). JPEG and WebP compress the same images at the quality whose file size
-comes closest to each token count's bits (searched per image). ``--target-psnr`` picks, per
+``decode``'s ``lengths``). JPEG and WebP compress the same images at the highest quality whose
+file fits in each token count's bytes (searched per image); where even quality 1 does not fit,
+the row says so (``within_budget`` < 1) and is no equal-rate comparison. The thumbnail codec
+stores the largest 8-bit thumbnail within the bits and reaches every rate. ``--target-psnr`` picks, per
 image, the smallest token count reaching the target, by a binary search over prefix lengths that
 decodes the whole batch at every step.
 """
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vistok.eval.baselines import CODECS, codec_at_bytes
+from vistok.eval.baselines import CODECS, codec_at_bytes, thumbnail_bits, thumbnail_reconstruct
 from vistok.eval.metrics import ReconstructionEvaluator, bits_per_image, bits_per_token, psnr_per_image
 from vistok.tokenizers.errors import VistokError
 
@@ -142,11 +144,16 @@ def adaptive_lengths(tokenizer: Any, batches: Iterable[Tensor], target_psnr: flo
     return summarize_lengths(all_lengths, torch.cat(psnr), target_psnr, tokenizer.codebook_size, tokenizer.token_dim), all_lengths
 
 
+# The baselines `vistok score` can compare with: the Pillow codecs and the equal-bits thumbnail.
+BASELINES = (*CODECS, "thumbnail")
+
+
 @dataclass
 class RateDistortionResult:
-    """rows: one dict per (method, token count): method ("tokenizer" | "jpeg" | "webp"), num_tokens,
-    bits_per_image, bytes_per_image, quality (codecs: mean chosen quality), psnr, ssim, lpips, rfid,
-    usage, perplexity (None where not measured). adaptive: :func:`summarize_lengths` or None.
+    """rows: one dict per (method, token count): method ("tokenizer" | "jpeg" | "webp" | "thumbnail"),
+    num_tokens, bits_per_image, bytes_per_image, quality (codecs: mean chosen quality),
+    within_budget (baselines: fraction of images whose file fits in the tokens' bytes), psnr, ssim,
+    lpips, rfid, usage, perplexity (None where not measured). adaptive: :func:`summarize_lengths` or None.
     examples: {"original": (N, 3, H, W), k: (N, 3, H, W)} for the first N images (CPU)."""
 
     token_counts: list[int]
@@ -157,13 +164,15 @@ class RateDistortionResult:
     notes: list[str] = field(default_factory=list)
 
 
-ROW_FIELDS = ("method", "num_tokens", "bits_per_image", "bytes_per_image", "quality",
+ROW_FIELDS = ("method", "num_tokens", "bits_per_image", "bytes_per_image", "quality", "within_budget",
               "psnr", "ssim", "lpips", "rfid", "usage", "perplexity")
 
 
-def _row(method: str, k: int, bits: float, nbytes: float, quality: float | None, values: dict[str, float]) -> dict[str, Any]:
+def _row(method: str, k: int, bits: float, nbytes: float, quality: float | None, values: dict[str, float],
+         within_budget: float | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {name: None for name in ROW_FIELDS}
-    row.update(method=method, num_tokens=k, bits_per_image=bits, bytes_per_image=nbytes, quality=quality)
+    row.update(method=method, num_tokens=k, bits_per_image=bits, bytes_per_image=nbytes, quality=quality,
+               within_budget=within_budget)
     for name in ("psnr", "ssim", "lpips", "rfid", "usage", "perplexity"):
         value = values.get(name)
         row[name] = value if value is not None and math.isfinite(value) else None
@@ -173,22 +182,23 @@ def _row(method: str, k: int, bits: float, nbytes: float, quality: float | None,
 @torch.no_grad()
 def rate_distortion(tokenizer: Any, batches: Iterable[Tensor], token_counts: Sequence[int] | None = None, *,
                     device: str | torch.device = "cpu", inception: nn.Module | None = None, lpips: nn.Module | None = None,
-                    codecs: Sequence[str] = ("jpeg", "webp"), target_psnr: float | None = None, num_examples: int = 8,
+                    codecs: Sequence[str] = BASELINES, target_psnr: float | None = None, num_examples: int = 8,
                     notes: Sequence[str] = (), on_batch: Callable[[int], None] | None = None) -> RateDistortionResult:
-    """Score ``tokenizer`` at several token counts against JPEG/WebP at matched bytes.
+    """Score ``tokenizer`` at several token counts against baselines at the same rate.
 
     batches: iterable of (B, 3, S, S) float images in [0, 1], S = tokenizer.image_size.
     token_counts: default :func:`power_of_two_token_counts`. inception / lpips: networks from
     :func:`vistok.eval.pretrained.load_inception` / :func:`vistok.eval.pretrained.load_lpips` (None skips the metric).
-    target_psnr: also run :func:`choose_lengths` on every image. on_batch(n_images) is called
-    after each batch (progress bars). Codecs get PSNR, SSIM and LPIPS; the tokenizer also rFID
+    codecs: any of :data:`BASELINES`: JPEG/WebP within the tokens' bytes, the thumbnail within
+    their bits. target_psnr: also run :func:`choose_lengths` on every image. on_batch(n_images) is called
+    after each batch (progress bars). Baselines get PSNR, SSIM and LPIPS; the tokenizer also rFID
     and, for discrete tokens, codebook usage and perplexity.
     """
     device = torch.device(device)
     counts = parse_token_counts(token_counts, tokenizer.max_tokens)
     for codec in codecs:
-        if codec not in CODECS:
-            raise VistokError(f"unknown codec {codec!r}; choose from {', '.join(CODECS)}.")
+        if codec not in BASELINES:
+            raise VistokError(f"unknown codec {codec!r}; choose from {', '.join(BASELINES)}.")
     tokenizer = tokenizer.to(device).eval()
     codebook_size, token_dim = tokenizer.codebook_size, tokenizer.token_dim
     bits = {k: bits_per_image(k, codebook_size, token_dim) for k in counts}
@@ -196,6 +206,7 @@ def rate_distortion(tokenizer: Any, batches: Iterable[Tensor], token_counts: Seq
     baselines = {codec: ReconstructionEvaluator(counts, lpips=lpips).to(device) for codec in codecs}
     codec_bytes = {codec: torch.zeros(len(counts), dtype=torch.float64) for codec in codecs}
     codec_quality = {codec: torch.zeros(len(counts), dtype=torch.float64) for codec in codecs}
+    codec_fits = {codec: torch.zeros(len(counts), dtype=torch.float64) for codec in codecs}
     chosen_lengths: list[Tensor] = []
     chosen_psnr: list[Tensor] = []
     examples: dict[Any, list[Tensor]] = {"original": [], **{k: [] for k in counts}}
@@ -207,10 +218,18 @@ def rate_distortion(tokenizer: Any, batches: Iterable[Tensor], token_counts: Seq
         recon = decode_prefixes(tokenizer, tokens, counts, max_batch=max(images.shape[0], 1) * 4)
         ours.update(images, recon, indices=tokens if not tokens.is_floating_point() else None)
         for codec in codecs:
+            if codec == "thumbnail":
+                height, width = images.shape[-2:]
+                baselines[codec].update(images, {k: thumbnail_reconstruct(images, bits[k]) for k in counts})
+                codec_bytes[codec] += torch.tensor([thumbnail_bits(height, width, bits[k]) / 8 * images.shape[0] for k in counts],
+                                                   dtype=torch.float64)
+                codec_fits[codec] += images.shape[0]
+                continue
             matches = codec_at_bytes(images.cpu(), codec, [bits[k] / 8 for k in counts])
             baselines[codec].update(images, {k: m.reconstruction.to(device) for k, m in zip(counts, matches)})
             codec_bytes[codec] += torch.stack([m.nbytes.double().sum() for m in matches])
             codec_quality[codec] += torch.stack([m.quality.double().sum() for m in matches])
+            codec_fits[codec] += torch.stack([m.fits.double().sum() for m in matches])
         if target_psnr is not None:
             lengths, psnr = choose_lengths(tokenizer, images, target_psnr, tokens=tokens)
             chosen_lengths.append(lengths.cpu())
@@ -230,15 +249,25 @@ def rate_distortion(tokenizer: Any, batches: Iterable[Tensor], token_counts: Seq
     tokenizer_results = ours.compute()
     for k in counts:
         rows.append(_row("tokenizer", k, bits[k], bits[k] / 8, None, tokenizer_results[k]))
+    all_notes = list(notes)
     for codec in codecs:
         results = baselines[codec].compute()
+        quality = None if codec == "thumbnail" else codec_quality[codec] / seen
         for c, k in enumerate(counts):
             rows.append(_row(codec, k, float(codec_bytes[codec][c] / seen * 8), float(codec_bytes[codec][c] / seen),
-                             float(codec_quality[codec][c] / seen), results[k]))
+                             None if quality is None else float(quality[c]), results[k], float(codec_fits[codec][c] / seen)))
+        over = [c for c in range(len(counts)) if codec_fits[codec][c] < seen]
+        if over:
+            worst = over[-1]
+            all_notes.append(
+                f"{codec} cannot reach the tokens' rate at k = {', '.join(str(counts[c]) for c in over)}: even at quality 1 "
+                f"{1 - float(codec_fits[codec][worst] / seen):.0%} of its files exceed the tokens' {bits[counts[worst]] / 8:g} bytes "
+                f"at k = {counts[worst]}; those rows spend more bytes than the tokenizer, so they are no equal-rate comparison "
+                "(within_budget < 1)."
+            )
     adaptive = None
     if target_psnr is not None:
         adaptive = summarize_lengths(torch.cat(chosen_lengths), torch.cat(chosen_psnr), target_psnr, codebook_size, token_dim)
-    all_notes = list(notes)
     if seen < 2 and inception is not None:
         all_notes.append("rFID needs at least two images; score more images to get it.")
     return RateDistortionResult(

@@ -29,7 +29,7 @@ from vistok.data.sources import iter_image_source
 from vistok.eval.metrics import ReconstructionEvaluator, bits_per_token
 from vistok.eval.pretrained import load_networks
 from vistok.eval.plots import plot_rate_distortion, save_reconstruction_grid
-from vistok.eval.rate_distortion import ROW_FIELDS, parse_token_counts, rate_distortion
+from vistok.eval.rate_distortion import BASELINES, ROW_FIELDS, parse_token_counts, rate_distortion
 from vistok.eval.report import format_table, write_csv
 from vistok.tokenizers.atomic import atomic_write_json, check_writable
 from vistok.tokenizers.device import resolve_device
@@ -40,16 +40,21 @@ log = logging.getLogger(__name__)
 PROTOCOL = {
     "rounding": "originals and reconstructions rounded to 8 bits (round(x*255)) before every metric",
     "psnr": "mean over images of per-image PSNR, data range 1, capped at 100 dB",
-    "ssim": "torchmetrics SSIM, data_range=1.0, 11x11 Gaussian window (sigma 1.5)",
+    "ssim": ("torchmetrics SSIM, data_range=1.0, 11x11 Gaussian window (sigma 1.5), mean over the whole SSIM map "
+             "(no border dropped); scikit-image and Wang et al. 2004 average only where the window fits, dropping a "
+             "5-pixel border, which moves values by a few hundredths per image at 32 px: compare SSIM within one convention"),
     "lpips": "lpips package, VGG16 backbone, v0.1 linear layers, mean over images",
     "rfid": ("Inception-v3 2015-12-05 (torch-fidelity port) pool features (2048-d) of uint8 images resized to 299 "
              "with TF1 bilinear interpolation without antialiasing; float64 statistics; reconstructions vs their originals"),
     "bits": "tokens x log2(codebook size); soft tokens: tokens x dimension x 16 (16-bit floats)",
-    "codecs": "Pillow JPEG (4:2:0) and lossy WebP, per image the quality (1-100) whose file size is closest to the token bits; whole files",
+    "codecs": ("Pillow JPEG (4:2:0) and lossy WebP, per image the highest quality (1-100) whose whole file fits in the "
+               "tokens' bytes; where even quality 1 does not fit, within_budget < 1 and the row is no equal-rate comparison"),
+    "thumbnail": ("per image the largest 8-bit RGB thumbnail (aspect kept) whose pixels x 24 bits fit in the tokens' bits, "
+                  "downscaled bicubic with antialiasing, upscaled bicubic; mid-grey below 24 bits"),
     "resize": "images resized so the shorter side is the tokenizer's size (bicubic, antialiased) and centre-cropped",
 }
 
-SUMMARY_COLUMNS = ("method", "num_tokens", "bits_per_image", "bytes_per_image", "quality", "psnr", "ssim", "lpips", "rfid", "usage", "perplexity")
+SUMMARY_COLUMNS = ("method", "num_tokens", "bits_per_image", "bytes_per_image", "quality", "at_rate", "psnr", "ssim", "lpips", "rfid", "usage", "perplexity")
 
 
 def _check_positive(name: str, value: Any, kind: type = int) -> None:
@@ -101,7 +106,7 @@ def score_tokenizer(tokenizer: Any | str | os.PathLike, data: str, token_counts:
                     limit: int | None = None, batch_size: int = 16, device: str | None = None,
                     inception_weights: str | os.PathLike | bool | None = None,
                     lpips_weights: str | os.PathLike | bool | None = None, target_psnr: float | None = None,
-                    out_dir: str | os.PathLike | None = None, resize: bool = True, codecs: Sequence[str] = ("jpeg", "webp"),
+                    out_dir: str | os.PathLike | None = None, resize: bool = True, codecs: Sequence[str] = BASELINES,
                     num_examples: int = 8, progress: bool = True) -> dict[str, Any]:
     """Score a tokenizer on an image set; returns the report (and writes its files when ``out_dir``).
 
@@ -175,7 +180,7 @@ def write_tokenizer_outputs(report: dict[str, Any], examples: dict[Any, Tensor],
     title = f"{report['tokenizer']['source']} on {report['data']['source']} ({report['data']['num_images']} images)"
     files = {
         "csv": str(write_csv(out_dir / "rate_distortion.csv", report["rows"], ROW_FIELDS)),
-        "plot": str(plot_rate_distortion(report["rows"], out_dir / "rate_distortion.png", title=title)),
+        "plot": str(plot_rate_distortion(report["rows"], out_dir / "rate_distortion.png", title=title, adaptive=report.get("adaptive"))),
     }
     if examples:
         files["grid"] = str(save_reconstruction_grid(examples, out_dir / "reconstructions.png", title=title))
@@ -337,10 +342,18 @@ def score_folders(reference: str | os.PathLike, reconstructions: str | os.PathLi
     return report
 
 
+def _at_rate(within_budget: float | None) -> str | None:
+    """The table's word for a baseline row: reached the tokens' rate for all images, none, or a share."""
+    if within_budget is None:
+        return None
+    return "yes" if within_budget >= 1 else "NO" if within_budget <= 0 else f"{within_budget:.0%}"
+
+
 def summary(report: dict[str, Any]) -> str:
     """The table printed at the end of `vistok score`, followed by the adaptive summary and notes."""
     columns = SUMMARY_COLUMNS if "token_counts" in report else ("method", "num_images", "psnr", "ssim", "lpips", "rfid")
-    lines = [format_table(report["rows"], columns)]
+    rows = [{**row, "at_rate": _at_rate(row.get("within_budget"))} for row in report["rows"]]
+    lines = [format_table(rows, columns)]
     adaptive = report.get("adaptive")
     if adaptive:
         lines.append(

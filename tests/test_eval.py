@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import vistok.cli as vistok_cli
-from vistok.eval import baselines, metrics, pretrained
+from vistok.eval import baselines, metrics, pretrained, score
 from vistok.eval.metrics import (
     CodebookUsage,
     MeanPSNR,
@@ -330,17 +330,22 @@ def test_codec_psnr_high_at_quality_100_and_low_at_5(codec):
     assert high_bytes > low_bytes
 
 
-def test_codec_at_bytes_picks_the_closest_file_size():
+def test_codec_at_bytes_picks_the_best_file_within_the_budget():
     images = smooth_images(2)
-    targets = [300.0, 800.0, 1500.0]
+    targets = [100.0, 300.0, 800.0, 1500.0]
     matches = baselines.codec_at_bytes(images, "jpeg", targets)
     for i, image in enumerate(images):
         pil = baselines.tensor_to_pil(image)
         sizes = {q: len(baselines.encode(pil, "jpeg", q)) for q in range(1, 101)}
         for target, match in zip(targets, matches):
-            best = min(abs(s - target) for s in sizes.values())
-            assert abs(int(match.nbytes[i]) - target) <= best + 0.02 * target  # bisection, up to codec wiggles
             assert int(match.nbytes[i]) == sizes[int(match.quality[i])]
+            fitting = [q for q, size in sizes.items() if size <= target]
+            if fitting:  # the highest quality within the budget, up to codec wiggles in the bisection
+                assert bool(match.fits[i]) and match.nbytes[i] <= target
+                assert sizes[int(match.quality[i])] >= sizes[max(fitting)] - 0.02 * target
+            else:  # no JPEG file is that small: quality 1, said to be over the budget
+                assert not bool(match.fits[i]) and int(match.quality[i]) == 1 and match.nbytes[i] > target
+    assert not matches[0].fits.any() and matches[-1].fits.all()
     assert all(torch.all(a.quality <= b.quality) for a, b in zip(matches, matches[1:]))
 
 
@@ -383,14 +388,14 @@ def test_decode_prefixes_matches_separate_decodes(tiny_tokenizer):
 def test_rate_distortion_rows_per_token_count_and_codec_quality():
     tokenizer = DCTTokenizer(image_size=32, max_tokens=16)
     batches = [smooth_images(3, seed=1), smooth_images(2, seed=2)]
-    result = rate_distortion(tokenizer, batches, [1, 2, 4, 8, 16], codecs=("jpeg", "webp"), num_examples=4)
-    assert result.num_images == 5 and len(result.rows) == 3 * 5
-    for method in ("tokenizer", "jpeg", "webp"):
+    result = rate_distortion(tokenizer, batches, [1, 2, 4, 8, 16], num_examples=4)
+    assert result.num_images == 5 and len(result.rows) == 4 * 5
+    for method in ("tokenizer", "jpeg", "webp", "thumbnail"):
         rows = [r for r in result.rows if r["method"] == method]
         assert [r["num_tokens"] for r in rows] == [1, 2, 4, 8, 16]
         psnr = [r["psnr"] for r in rows]
         assert psnr[-1] > psnr[0]
-        if method != "tokenizer":  # bytes grow with the quality chosen to match more bits
+        if method in ("jpeg", "webp"):  # bytes grow with the quality chosen to fit more bits
             by_quality = sorted(rows, key=lambda r: r["quality"])
             sizes = [r["bytes_per_image"] for r in by_quality]
             assert sizes == sorted(sizes) and sizes[-1] > sizes[0]
@@ -399,6 +404,46 @@ def test_rate_distortion_rows_per_token_count_and_codec_quality():
     assert ours[-1]["psnr"] == pytest.approx(100.0, abs=1.0)  # all coefficients: lossless up to rounding
     assert ours[0]["bits_per_image"] == 192 * 16
     assert result.examples["original"].shape == (4, 3, 32, 32) and result.examples[16].shape == (4, 3, 32, 32)
+
+
+def test_baselines_never_spend_more_than_the_tokens_bytes_or_say_so(tiny_tokenizer):
+    """Every baseline row within budget holds at most the tokens' bits / 8 bytes per image; rows a codec
+    cannot reach (no JPEG or WebP file is 1.25 bytes) are marked within_budget < 1 and named in a note."""
+    rich = rate_distortion(DCTTokenizer(image_size=32, max_tokens=16), [smooth_images(3, seed=1)], [1, 16], num_examples=0)
+    poor = rate_distortion(tiny_tokenizer, [smooth_images(3, size=16, seed=1)], [1, 8], num_examples=0)  # 10 bits per token
+    for result in (rich, poor):
+        token_bytes = {r["num_tokens"]: r["bytes_per_image"] for r in result.rows if r["method"] == "tokenizer"}
+        for row in result.rows:
+            if row["method"] == "tokenizer":
+                assert row["within_budget"] is None
+            elif row["within_budget"] == 1:
+                assert row["bytes_per_image"] <= token_bytes[row["num_tokens"]], row
+            else:
+                assert row["bytes_per_image"] > token_bytes[row["num_tokens"]], row
+    assert all(r["within_budget"] == 1 for r in rich.rows if r["method"] != "tokenizer" and r["num_tokens"] == 16)  # 6 KB
+    for codec in ("jpeg", "webp"):
+        assert [r["within_budget"] for r in poor.rows if r["method"] == codec] == [0, 0]
+        assert any(n.startswith(f"{codec} cannot reach the tokens' rate at k = 1, 8:") for n in poor.notes)
+    assert all(r["within_budget"] == 1 for r in poor.rows if r["method"] == "thumbnail")  # reaches every rate
+    table = score.summary({"token_counts": poor.token_counts, "rows": poor.rows, "notes": poor.notes}).splitlines()
+    header = table[0].split()
+    cells = {tuple(line.split()[:2]): line.split()[header.index("at_rate")] for line in table[1:] if line.split()[0] != "note:"}
+    assert cells[("jpeg", "1")] == "NO" and cells[("thumbnail", "8")] == "yes"
+
+
+def test_the_rate_distortion_plot_shows_the_target_psnr_point_and_hollow_over_budget_points(tmp_path, monkeypatch):
+    from vistok.eval import plots
+
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    rows = [{"method": "tokenizer", "num_tokens": k, "bytes_per_image": 2.0 * k, "psnr": 20.0 + k} for k in (1, 2)]
+    rows += [{"method": "jpeg", "num_tokens": k, "bytes_per_image": 300.0, "psnr": 25.0, "within_budget": 0.0} for k in (1, 2)]
+    adaptive = {"target_psnr": 21.5, "mean_tokens": 1.5, "mean_bits_per_image": 24.0, "mean_psnr": 21.7}
+    plots.plot_rate_distortion(rows, tmp_path / "rd.png", adaptive=adaptive)
+    labels = {line.get_label(): line for line in figures[0].axes[0].get_lines()}
+    assert labels["target 21.5 dB: 1.5 tokens"].get_xydata().tolist() == [[3.0, 21.7]]
+    assert labels["jpeg: over the tokens' bytes"].get_markerfacecolor() == "white"
+    assert (tmp_path / "rd.png").is_file()
 
 
 def test_rate_distortion_of_a_discrete_tokenizer_reports_usage_and_rfid(tiny_tokenizer, inception64):
@@ -441,11 +486,12 @@ def test_score_writes_report_csv_and_plots(tiny_ckpt, image_folder, tmp_path, no
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["num_images"] == 4 and report["token_counts"] == [2, 8]
     assert [(r["method"], r["num_tokens"]) for r in report["rows"]] == [
-        (m, k) for m in ("tokenizer", "jpeg", "webp") for k in (2, 8)]
+        (m, k) for m in ("tokenizer", "jpeg", "webp", "thumbnail") for k in (2, 8)]
+    assert "mean over the whole SSIM map" in report["protocol"]["ssim"] and "border" in report["protocol"]["ssim"]
     assert report["adaptive"]["num_images"] == 4
     assert any("rFID skipped" in n for n in report["notes"]) and any("LPIPS skipped" in n for n in report["notes"])
     csv_lines = (out / "rate_distortion.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("method,num_tokens") and len(csv_lines) == 7
+    assert csv_lines[0].startswith("method,num_tokens") and len(csv_lines) == 9
     for name in ("rate_distortion.png", "reconstructions.png"):
         assert Image.open(out / name).format == "PNG"
     assert "tokenizer" in printed and "rFID skipped" in printed and "target PSNR 8 dB" in printed
