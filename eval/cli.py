@@ -54,7 +54,7 @@ def default_name(tokenizer: Path) -> str:
     joined to the file's (runs/a/checkpoints/last.ckpt -> a-last, runs/a/export -> a-export), so
     every run's last.ckpt gets its own report instead of all sharing outputs/score/last."""
     path = tokenizer.resolve()
-    stem = path.stem if path.is_file() else path.name
+    stem = path.name if path.is_dir() else path.stem
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     parts = [part for part in (run_dir.name, stem) if part]
     return "-".join(parts) or "tokenizer"

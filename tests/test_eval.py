@@ -529,6 +529,42 @@ def test_score_reference_and_reconstruction_folders(tmp_path, no_weights, capsys
     assert "psnr" in capsys.readouterr().out
 
 
+def test_encode_decode_then_folder_scoring_skips_and_counts_an_unreadable_reference(tiny_ckpt, tmp_path, no_weights, capsys,
+                                                                                   caplog):
+    """encode skips a broken file, so it has no reconstruction; folder scoring skips it the same way."""
+    originals = write_images(tmp_path / "originals", 3, size=(16, 16))
+    (originals / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    assert vistok_cli.main(["encode", str(tiny_ckpt), str(originals), "--out", str(tmp_path / "t.npz")]) == 0
+    assert vistok_cli.main(["decode", str(tiny_ckpt), str(tmp_path / "t.npz"), "--out", str(tmp_path / "recon")]) == 0
+    assert sorted(p.name for p in (tmp_path / "recon").iterdir()) == ["img0.png", "img1.png", "img2.png"]
+    capsys.readouterr()
+    caplog.clear()
+    out = tmp_path / "score"
+    assert vistok_cli.main(["score", "--reference", str(originals), "--reconstructions", str(tmp_path / "recon"),
+                            "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_images"] == 3 and report["rows"][0]["num_images"] == 3
+    assert report["skipped"]["count"] == 1 and report["skipped"]["files"][0]["name"] == "broken"
+    assert "skipped 1 unreadable reference image(s)" in captured.out
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"skipped {originals / 'broken.png'}"]
+
+    # A readable reference without a reconstruction is still an error, not a skip.
+    (tmp_path / "recon" / "img2.png").unlink()
+    assert vistok_cli.main(["score", "--reference", str(originals), "--reconstructions", str(tmp_path / "recon"),
+                            "--out", str(out)]) == 2
+    assert "1 reference image(s) have no reconstruction (img2)" in capsys.readouterr().err
+
+
+def test_the_default_score_folder_is_unique_per_run():
+    from vistok.eval.cli import default_name
+
+    assert default_name(Path("runs/a/checkpoints/last.ckpt")) == "a-last"
+    assert default_name(Path("runs/b/checkpoints/last.ckpt")) == "b-last"
+    assert default_name(Path("runs/a/checkpoints/best-0000080.ckpt")) == "a-best-0000080"
+    assert default_name(Path("runs/a/export")) == "a-export"
+
+
 def _bad_inputs(tmp: Path, ckpt: Path, images: Path) -> dict[str, tuple[list[str], str]]:
     empty = tmp / "empty"
     empty.mkdir()
