@@ -19,6 +19,7 @@ name and renamed, so a killed run never leaves a half-written ``shard-*.tar``.
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -368,13 +369,18 @@ def _target_size(size: tuple[int, int], settings: _Settings) -> tuple[int, int] 
 
 
 def _encoded_stream(
-    jobs: list[tuple[str, str, _Settings]], workers: int, skipped: list[dict]
+    jobs: list[tuple[str, str, _Settings]], workers: int, skipped: list[dict],
+    on_file: Callable[[], None] | None = None,
 ) -> Iterator[EncodedSample]:
-    """Encode in a process pool in bounded windows (memory stays flat), yielding in input order."""
+    """Encode in a process pool in bounded windows (memory stays flat), yielding in input order.
+
+    ``on_file()`` is called once per input file, read or skipped (progress reports)."""
     used: set[str] = set()
 
     def finish(result: tuple[str, EncodedSample | None, str]) -> EncodedSample | None:
         relative, sample, reason = result
+        if on_file is not None:
+            on_file()
         if sample is None:
             log.warning("skipped %s: %s", relative, reason)
             skipped.append({"path": relative, "reason": reason})
@@ -407,6 +413,20 @@ def _encoded_stream(
                     yield sample
 
 
+def split_files(files: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Deterministic train/validation split of relative file paths: ``(train, val)``, each in input order.
+
+    The ``round(val_fraction * n)`` files (at least one, at most n - 1) with the smallest SHA-256 of
+    their relative path are held out. The choice depends only on the names, not on the order files
+    are listed in or on the machine, so the same folder always gives the same split.
+    """
+    n = len(files)
+    count = min(n - 1, max(1, round(val_fraction * n)))
+    ranked = sorted(files, key=lambda name: hashlib.sha256(name.encode("utf-8")).hexdigest())
+    held_out = set(ranked[:count])
+    return [f for f in files if f not in held_out], [f for f in files if f in held_out]
+
+
 def write_shards(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -418,6 +438,8 @@ def write_shards(
     quality: int = 95,
     workers: int | None = None,
     overwrite: bool = False,
+    val_fraction: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Turn a folder tree of images into webdataset shards plus ``index.json``; return the index.
 
@@ -425,6 +447,11 @@ def write_shards(
     resize the shorter side and centre-crop to ``resize`` x ``resize``. ``workers``: encoding
     processes (default: CPU count, at most 8; 0 or 1 encodes in this process). Unreadable or
     truncated files are skipped with one warning each and listed in the index.
+
+    ``val_fraction``: hold out that share of the files (:func:`split_files`) and write
+    ``out_dir/train`` and ``out_dir/val``, each with its own shards and ``index.json``; the
+    returned dict is then ``{"train": index, "val": index}``. ``progress(done, total)`` is called
+    after every input file, read or skipped.
     """
     src = Path(source).expanduser()
     if not src.exists():
@@ -440,30 +467,57 @@ def write_shards(
         raise VistokError(f"--format must be 'jpeg' or 'png', got {image_format!r}")
     if not 1 <= quality <= 100:
         raise VistokError(f"--quality must be between 1 and 100, got {quality}")
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise VistokError(f"--val-fraction must be between 0 and 1 (e.g. 0.02), got {val_fraction}")
     files = list_images(src)
     if not files:
         raise VistokError(
             f"the source folder {source} holds no images ({', '.join(IMAGE_EXTENSIONS)}); check the path"
         )
+    if val_fraction is not None and len(files) < 2:
+        raise VistokError(f"--val-fraction needs at least 2 images to split, {source} holds {len(files)}; drop --val-fraction")
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     settings = _Settings(max_size, resize, image_format, quality)
-    jobs = [(str(path), path.relative_to(src).as_posix(), settings) for path in files]
-    skipped: list[dict] = []
-    return write_samples(
-        _encoded_stream(jobs, workers, skipped),
-        out_dir,
-        samples_per_shard,
-        overwrite=overwrite,
-        skipped=lambda: skipped,
-        extra={
-            "source": str(src.resolve()),
-            "settings": {
-                "samples_per_shard": samples_per_shard,
-                "max_size": max_size,
-                "resize": resize,
-                "format": image_format,
-                "quality": quality,
+    relative = {path.relative_to(src).as_posix(): str(path) for path in files}
+    out = Path(out_dir).expanduser()
+    if val_fraction is None:
+        splits = {None: list(relative)}
+    else:
+        train, val = split_files(list(relative), val_fraction)
+        splits = {"train": train, "val": val}
+        for name in splits:  # refuse an occupied split folder before writing the other one
+            _prepare_out_dir(out / name, overwrite)
+    done = [0]
+
+    def on_file() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], len(files))
+
+    indices = {}
+    for name, names in splits.items():
+        skipped: list[dict] = []
+        split_info = {} if name is None else {"split": {
+            "name": name, "val_fraction": val_fraction,
+            "rule": "files ranked by SHA-256 of their relative path; the first round(val_fraction * n) are val",
+        }}
+        indices[name] = write_samples(
+            _encoded_stream([(relative[r], r, settings) for r in names], workers, skipped, on_file),
+            out if name is None else out / name,
+            samples_per_shard,
+            overwrite=overwrite,
+            skipped=lambda skipped=skipped: skipped,
+            extra={
+                "source": str(src.resolve()),
+                **split_info,
+                "settings": {
+                    "samples_per_shard": samples_per_shard,
+                    "max_size": max_size,
+                    "resize": resize,
+                    "format": image_format,
+                    "quality": quality,
+                },
             },
-        },
-    )
+        )
+    return indices[None] if val_fraction is None else indices

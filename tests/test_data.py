@@ -524,6 +524,64 @@ def test_vistok_shards_command(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_vistok_shards_holds_out_a_deterministic_validation_split(tmp_path, capsys):
+    src = tmp_path / "src"
+    for i in range(40):
+        (src / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(smooth_image(8, 8, i)).save(src / f"d{i % 3}" / f"img{i:02d}.png")
+    out = tmp_path / "out"
+    argv = ["shards", str(src), str(out), "--val-fraction", "0.1", "--samples-per-shard", "8", "--workers", "0"]
+    assert vistok_cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote 36 images in 5 shards to {out}/train/shard-{{000000..000004}}.tar" in printed
+    assert f"wrote 4 images in 1 shards to {out}/val/shard-{{000000..000000}}.tar" in printed
+    train, val = read_index(out / "train"), read_index(out / "val")
+    assert (train["total"], val["total"]) == (36, 4) and val["split"]["name"] == "val"
+    assert not (out / "index.json").exists() and not list(out.glob("*.tar"))
+    train_keys = {k for k, _ in iter_image_source(str(out / "train"), None)}
+    val_keys = {k for k, _ in iter_image_source(str(out / "val"), None)}
+    assert len(train_keys | val_keys) == 40 and train_keys.isdisjoint(val_keys)
+
+    # The split depends on the names only: listed in another order, it is the same.
+    from vistok.data.shards import split_files
+
+    names = sorted(f"{p.parent.name}/{p.name}" for p in src.rglob("*.png"))
+    _, held_out = split_files(names, 0.1)
+    assert split_files(names[::-1], 0.1)[1] == held_out[::-1]
+    assert {Path(n).with_suffix("").as_posix() for n in held_out} == val_keys
+    assert vistok_cli.main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # argparse's refusal, like every other bad flag value
+        vistok_cli.main(["shards", str(src), str(tmp_path / "x"), "--val-fraction", "1.5"])
+    assert refused.value.code == 2 and "expected a number between 0 and 1" in capsys.readouterr().err
+
+
+def test_vistok_shards_reports_progress_as_lines_when_redirected_and_a_bar_on_a_terminal(tmp_path):
+    import io
+
+    from vistok.data.cli import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    redirected, terminal = io.StringIO(), Terminal()
+    for stream in (redirected, terminal):
+        progress = Progress(stream, "vistok shards: ")
+        for done in range(1, 101):
+            progress(done, 100)
+        progress.close()
+    lines = redirected.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in lines] == [f"vistok shards: {n}/100 images" for n in range(10, 101, 10)]
+    assert "\r" not in redirected.getvalue() and "100%" in lines[-1]
+    assert "\r" in terminal.getvalue() and "writing shards" in terminal.getvalue() and "100/100" in terminal.getvalue()
+
+    make_source_folder(tmp_path / "src")  # the command reports through it: 7 files, redirected stderr
+    result = subprocess.run([sys.executable, "-m", "vistok", "shards", str(tmp_path / "src"), str(tmp_path / "out"),
+                             "--workers", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert [line.split(" (")[0] for line in result.stderr.splitlines()] == [f"vistok shards: {n}/7 images" for n in range(1, 8)]
+
+
 def test_vistok_shards_missing_source_has_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "vistok", "shards", str(tmp_path / "missing"), str(tmp_path / "out")],
