@@ -17,7 +17,9 @@ shuffling, partial last batch kept: every sample is seen exactly once across ran
 Batches are ``{"image": (B, 3, H, W) float32 in [0, 1], "key": list[str], "num_skipped":
 0-d long tensor}``; ``num_skipped`` counts samples (or broken shards) the worker that made the
 batch dropped since its previous batch, so ``batch["num_skipped"]`` summed over steps is the
-number of decode errors (log it with ``reduce_fx="sum"``; it is a CPU tensor, no device sync).
+number of decode errors. Training batches also carry ``skipped_total``, that sum so far on this
+rank (:class:`TrainLoader`), which the training module logs as ``train/num_skipped``. Each skip is
+a warning naming the sample's key and its shard (the first 10 per worker).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import logging
 import math
 import os
 import random
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -80,12 +83,14 @@ class SkipCounter:
         self.pending = 0
         self.shards_since_sample = 0
 
-    def __call__(self, error: Exception) -> bool:
+    def __call__(self, error: Exception, sample: dict | None = None) -> bool:
+        """Count ``error`` (raised for ``sample``, or by webdataset for a shard) and warn, naming
+        the shard and the sample key so the file can be found and fixed."""
         self.total += 1
         self.pending += 1
         if self.total <= self.max_warnings:
             more = " (further errors in this worker are only counted)" if self.total == self.max_warnings else ""
-            log.warning("skipped a sample that failed to load: %s%s", _one_line(error), more)
+            log.warning("skipped %s: %s%s", _where(error, sample), _one_line(error), more)
         return True
 
     def take(self) -> int:
@@ -93,8 +98,19 @@ class SkipCounter:
         return pending
 
 
+def _where(error: Exception, sample: dict | None) -> str:
+    """Which sample (key and shard) or shard an error came from."""
+    if sample is not None:
+        return f"sample {sample.get('__key__')!r} in {sample.get('__url__', 'an unknown shard')}"
+    # webdataset appends the shard's URL (and for some errors the stream before it) to error.args
+    url = next((arg for arg in reversed(error.args[1:]) if isinstance(arg, str)), None)
+    return f"a sample in {url}" if url else "a sample of an unknown shard"
+
+
 def _one_line(error: Exception) -> str:
-    text = str(error).splitlines()[0] if str(error) else ""
+    message = error.args[0] if len(error.args) > 1 else error  # without the URLs webdataset appended
+    text = str(message).splitlines()[0] if str(message) else ""
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the image data", text)  # e.g. <_io.BytesIO object at 0x7f...>
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -300,7 +316,7 @@ def decode_train(
         try:
             image = transform(find_image_field(sample), rng)
         except Exception as error:  # a bad sample is counted, never fatal
-            counter(error)
+            counter(error, sample)
             continue
         counter.shards_since_sample = 0
         yield {"image": image, "key": sample["__key__"]}
@@ -311,7 +327,7 @@ def decode_val(src: Iterable[dict], image_size: int, counter: SkipCounter) -> It
         try:
             image = val_decode(find_image_field(sample), image_size)
         except Exception as error:
-            counter(error)
+            counter(error, sample)
             continue
         yield {"image": image, "key": sample["__key__"]}
 
@@ -341,15 +357,25 @@ def _empty_float(shape: torch.Size) -> torch.Tensor:
 
 
 def batch_samples(src: Iterable[dict], batch_size: int, keep_partial: bool, counter: SkipCounter) -> Iterator[dict]:
+    """Group samples into batches; each batch's ``num_skipped`` takes the errors counted so far.
+
+    A full batch waits for the next sample (or the end of the stream) before it is yielded, so
+    errors on the last samples of a finite stream still reach the last batch's count.
+    """
     images: list[np.ndarray] = []
     keys: list[str] = []
+    full: tuple[list[np.ndarray], list[str]] | None = None
     for sample in src:
+        if full is not None:
+            yield collate(*full, counter.take())
+            full = None
         images.append(sample["image"])
         keys.append(sample["key"])
         if len(images) == batch_size:
-            yield collate(images, keys, counter.take())
-            images, keys = [], []
-    if images and keep_partial:
+            full, images, keys = (images, keys), [], []
+    if full is not None:
+        yield collate(*full, counter.take())
+    elif images and keep_partial:
         yield collate(images, keys, counter.take())
 
 
@@ -441,6 +467,10 @@ class TrainLoader(wds.WebLoader):
     on the dataset it would count per worker. Before each epoch the epoch number (from
     ``epoch_source``, e.g. the trainer's current epoch, else a count of epochs run) is
     written to the shared epoch the workers seed from.
+
+    ``num_skipped`` adds up the batches' ``num_skipped`` (all workers, since this loader was
+    made) and each batch carries it as ``batch["skipped_total"]``, a plain int, so the training
+    module can log the running count without a device transfer.
     """
 
     def __init__(
@@ -457,6 +487,7 @@ class TrainLoader(wds.WebLoader):
         self.shared_epoch = epoch
         self.epoch_source = epoch_source
         self.epochs_started = 0
+        self.num_skipped = 0
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -467,7 +498,10 @@ class TrainLoader(wds.WebLoader):
         epoch = self.epoch_source() if self.epoch_source is not None else None
         self.shared_epoch.set(self.epochs_started if epoch is None else epoch)
         self.epochs_started += 1
-        yield from super().__iter__()
+        for batch in super().__iter__():
+            self.num_skipped += int(batch["num_skipped"])  # a CPU tensor from the worker: no device sync
+            batch["skipped_total"] = self.num_skipped
+            yield batch
 
 
 def _loader_kwargs(num_workers: int, persistent: bool = False) -> dict:

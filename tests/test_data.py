@@ -303,6 +303,55 @@ def test_corrupted_member_inside_a_shard_is_skipped_and_counted(tmp_path):
     assert sum(int(b["num_skipped"]) for b in batches) > 0
 
 
+def _shards_with_bad_samples(folder: Path) -> list[str]:
+    urls = make_shards(folder, [3])
+    good = jpeg_bytes(smooth_image(16, 16, 1))
+    bad = folder / "shard-000001.tar"
+    write_tar(bad, [{"__key__": "ok1", "jpg": good}, {"__key__": "garbage", "jpg": b"not a jpeg"},
+                    {"__key__": "truncated", "jpg": good[: len(good) // 2]}])
+    return urls + [str(bad)]
+
+
+def test_skip_warnings_name_the_shard_and_the_key_and_training_batches_count_them(tmp_path, caplog):
+    urls = _shards_with_bad_samples(tmp_path / "shards")
+    with caplog.at_level(logging.WARNING):
+        list(make_val_loader(urls, image_size=8, batch_size=2))
+    warnings = sorted(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert [w.split(":")[0] for w in warnings] == [
+        f"skipped sample 'garbage' in {urls[1]}", f"skipped sample 'truncated' in {urls[1]}"]
+
+    loader = make_train_loader(urls, image_size=8, batch_size=2, batches_per_epoch=8, shuffle_buffer_size=0)
+    batches = list(loader)
+    running = [b["skipped_total"] for b in batches]
+    assert running == list(np.cumsum([int(b["num_skipped"]) for b in batches]))
+    assert running[-1] == loader.num_skipped > 0
+
+
+def test_the_training_module_logs_the_running_skip_count_with_the_metrics(tmp_path):
+    """train/num_skipped (running total) and val/num_skipped reach the CSV log, as they reach wandb."""
+    import csv
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from vistok.tokenizers.training.module import TokenizerModule
+
+    urls = _shards_with_bad_samples(tmp_path / "shards")
+    tokenizer = {"arch": "titok", "preset": "tiny", "image_size": 8, "num_tokens": 2, "patch_size": 4, "width": 16,
+                 "depth": 1, "heads": 2, "quantizer": {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [5, 5]}}
+    module = TokenizerModule(tokenizer, optim={"lr": 1e-3, "warmup_steps": 1}, validation={"grid_images": 0})
+    dm = ShardDataModule(urls, urls, image_size=8, batch_size=2, num_workers=0, batches_per_epoch=4, shuffle_buffer=0)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=CSVLogger(tmp_path / "logs", name="", version=""),
+                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    with open(tmp_path / "logs" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    running = [float(r["train/num_skipped"]) for r in rows if r.get("train/num_skipped")]
+    assert len(running) == 4 and running == sorted(running) and running[-1] == trainer.train_dataloader.num_skipped > 0
+    assert [float(r["val/num_skipped"]) for r in rows if r.get("val/num_skipped")] == [2.0]  # garbage + truncated
+
+
 def test_validation_sees_every_sample_once_across_workers_and_ranks(tmp_path):
     urls = make_shards(tmp_path / "shards", [5, 2, 4, 3, 1, 6])
     everything = sorted(f"s{i:04d}" for i in range(21))

@@ -264,6 +264,8 @@ class TokenizerModule(pl.LightningModule):
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()})
         self.log_dict({f"train/quantizer_{name}": value for name, value in out.quantizer.stats.items()})
         self.log("train/mean_tokens", out.lengths.float().mean())
+        if "skipped_total" in batch:  # samples the data loader dropped so far (vistok.data.datamodule.TrainLoader)
+            self.log("train/num_skipped", torch.tensor(float(batch["skipped_total"])))  # CPU: no device copy
         return total.detach()
 
     def _clip(self, parameters) -> torch.Tensor:
@@ -327,6 +329,8 @@ class TokenizerModule(pl.LightningModule):
         recon = {k: model.decode(tokens[:, :k]) for k in self.val_token_counts}
         self.evaluator.update(images, recon, indices=tokens if model.is_discrete else None)
         self.val_images.update(images.shape[0])
+        if "num_skipped" in batch:  # validation samples that failed to decode, summed over batches and ranks
+            self.log("val/num_skipped", batch["num_skipped"].float(), on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True)
         if self._grid_rows is None and self.val_settings.grid_images > 0:
             n = self.val_settings.grid_images
             self._grid_rows = [images[:n].float().cpu()] + [recon[k][:n].float().cpu() for k in self.val_token_counts]
