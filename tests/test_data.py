@@ -393,6 +393,22 @@ def test_two_ranks_get_the_same_number_of_training_batches_with_uneven_shards(tm
         assert counts == [5, 5]
 
 
+def test_each_rank_reads_its_own_slice_of_the_shared_training_shard_sequence(tmp_path):
+    """One sample per shard and no shuffling, so the keys show the shard order: a single process reads
+    the resampled sequence S; rank 0 of 2 reads S[0], S[2], ... and rank 1 S[1], S[3], ... Ranks that
+    skipped the split would both read S, identical samples, and fail here."""
+    urls = make_shards(tmp_path / "shards", [1] * 8)
+
+    def keys(rank: int, world_size: int, n: int) -> list[str]:
+        loader = make_train_loader(urls, image_size=8, batch_size=1, batches_per_epoch=n, rank=rank,
+                                   world_size=world_size, shuffle_buffer_size=0, hflip=False, seed=3)
+        return keys_of(loader)
+
+    sequence = keys(0, 1, 12)
+    assert len(set(sequence)) > 1
+    assert keys(0, 2, 6) == sequence[0::2] and keys(1, 2, 6) == sequence[1::2]
+
+
 def test_training_shard_sequence_is_shared_by_ranks_and_changes_per_epoch():
     urls = [f"shard-{i}.tar" for i in range(10)]
 

@@ -317,6 +317,56 @@ def test_ddp_compute_does_not_hang_when_ranks_saw_different_batches(tmp_path):
     assert r0 == r1 and r0[4]["psnr"] == pytest.approx(100.0)
 
 
+def _rank_data(rank: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Rank 0 sees two batches, rank 1 one; reconstructions are noisy copies (about 20 dB), not the images."""
+    generator = torch.Generator().manual_seed(100 + rank)
+    batches = []
+    for _ in range(2 if rank == 0 else 1):
+        images = torch.rand(2, 3, 16, 16, generator=generator)
+        noise = 0.03 * (1 + rank) * torch.randn(2, 3, 16, 16, generator=generator)
+        batches.append((images, (images + noise).clamp(0, 1), torch.randint(0, 16, (2, 4), generator=generator)))
+    return batches
+
+
+def _ddp_uneven_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    evaluator = ReconstructionEvaluator([4], codebook_size=16)
+    for images, recon, indices in _rank_data(rank):
+        evaluator.update(images, recon, indices=indices)
+    torch.save(evaluator.compute(), Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_metrics_equal_one_process_over_all_ranks_images(tmp_path):
+    """Each metric's totals and counts are summed over ranks: the 2-rank result (4 + 2 images) equals a
+    single process over the same 6 images. A count reduced with max (4) would report a far higher PSNR."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(_ddp_uneven_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="fork")
+    for process in context.processes:
+        process.join(timeout=120)
+    assert all(p.exitcode == 0 for p in context.processes), "a rank hung or failed"
+    single = ReconstructionEvaluator([4], codebook_size=16)
+    for rank in range(2):
+        for images, recon, indices in _rank_data(rank):
+            single.update(images, recon, indices=indices)
+    expected = single.compute()[4]
+    assert 15 < expected["psnr"] < 40  # far from the 100 dB cap, where sum and max would agree
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")[4]
+        assert result.keys() == expected.keys()
+        for name, value in expected.items():
+            assert result[name] == pytest.approx(value, rel=1e-6), (rank, name)
+
+
 # --------------------------------------------------------------------------------------------
 # Codec baselines
 

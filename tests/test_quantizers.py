@@ -247,17 +247,19 @@ def test_lfq_entropy_matches_naive_value_and_gradient(dim, chunk):
     torch.testing.assert_close(z.grad, naive_z.grad)
 
 
-def test_lfq_loss_matches_naive_formula_in_float32():
-    quantizer = LFQ(dim=8, entropy_weight=0.1, commitment_weight=0.25, diversity_gamma=1.5, temperature=0.3, entropy_chunk_size=32)
+@pytest.mark.parametrize("scale", [1.0, 0.5])  # scale enters the soft assignment: 2 z.c / T with c = +-scale
+def test_lfq_loss_matches_naive_formula_in_float32(scale):
+    quantizer = LFQ(dim=8, entropy_weight=0.1, commitment_weight=0.25, diversity_gamma=1.5, temperature=0.3,
+                    entropy_chunk_size=32, scale=scale)
     latents = 0.5 * torch.randn(2, 40, 8)
     out = quantizer(latents)
-    per_sample, batch = _naive_lfq_entropies(latents, 0.3, 1.0)
-    commitment = F.mse_loss(latents, torch.where(latents > 0, 1.0, -1.0))
+    per_sample, batch = _naive_lfq_entropies(latents, 0.3, scale)
+    commitment = F.mse_loss(latents, torch.where(latents > 0, scale, -scale))
     expected = 0.1 * (per_sample - 1.5 * batch) + 0.25 * commitment
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.stats["codebook_entropy"], batch, atol=1e-5, rtol=1e-5)
     # diversity_gamma=0 drops exactly the codebook term.
-    cheap = LFQ(dim=8, entropy_weight=0.1, commitment_weight=0.25, diversity_gamma=0.0, temperature=0.3)(latents)
+    cheap = LFQ(dim=8, entropy_weight=0.1, commitment_weight=0.25, diversity_gamma=0.0, temperature=0.3, scale=scale)(latents)
     torch.testing.assert_close(cheap.loss, 0.1 * per_sample + 0.25 * commitment, atol=1e-5, rtol=1e-5)
     assert "codebook_entropy" not in cheap.stats
 
