@@ -300,7 +300,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_ddp_compute_does_not_hang_when_ranks_saw_different_batches(tmp_path):
+def _run_two_ranks(worker, out: Path) -> None:
+    """Run ``worker(rank, 2, port, out)`` in two gloo processes; fail when one hangs or fails."""
     import socket
 
     import torch.multiprocessing as mp
@@ -309,10 +310,14 @@ def test_ddp_compute_does_not_hang_when_ranks_saw_different_batches(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # fork: the ranks inherit the imported modules instead of importing torch again
-    context = mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="fork")
+    context = mp.start_processes(worker, args=(2, port, str(out)), nprocs=2, join=False, start_method="fork")
     for process in context.processes:
         process.join(timeout=120)
     assert all(p.exitcode == 0 for p in context.processes), "a rank hung or failed"
+
+
+def test_ddp_compute_does_not_hang_when_ranks_saw_different_batches(tmp_path):
+    _run_two_ranks(_ddp_worker, tmp_path)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert r0 == r1 and r0[4]["psnr"] == pytest.approx(100.0)
 
@@ -343,17 +348,7 @@ def _ddp_uneven_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_ddp_metrics_equal_one_process_over_all_ranks_images(tmp_path):
     """Each metric's totals and counts are summed over ranks: the 2-rank result (4 + 2 images) equals a
     single process over the same 6 images. A count reduced with max (4) would report a far higher PSNR."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(_ddp_uneven_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="fork")
-    for process in context.processes:
-        process.join(timeout=120)
-    assert all(p.exitcode == 0 for p in context.processes), "a rank hung or failed"
+    _run_two_ranks(_ddp_uneven_worker, tmp_path)
     single = ReconstructionEvaluator([4], codebook_size=16)
     for rank in range(2):
         for images, recon, indices in _rank_data(rank):
