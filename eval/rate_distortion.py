@@ -261,7 +261,7 @@ def rate_distortion(tokenizer: Any, batches: Iterable[Tensor], token_counts: Seq
             worst = over[-1]
             all_notes.append(
                 f"{codec} cannot reach the tokens' rate at k = {', '.join(str(counts[c]) for c in over)}: even at quality 1 "
-                f"{1 - float(codec_fits[codec][worst] / seen):.0%} of its files exceed the tokens' {bits[counts[worst]] / 8:g} bytes "
+                f"{1 - float(codec_fits[codec][worst] / seen):.0%} of its files exceed the tokens' {bits[counts[worst]] / 8:.1f} bytes "
                 f"at k = {counts[worst]}; those rows spend more bytes than the tokenizer, so they are no equal-rate comparison "
                 "(within_budget < 1)."
             )
