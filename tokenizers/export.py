@@ -142,7 +142,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "never unpickles (torch.load(weights_only=True) refuses them); pass a checkpoint written by vistok's train.py."
         ) from None
     except Exception as error:  # torch raises RuntimeError, EOFError, OSError, KeyError... for bad files
-        detail = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if len(detail) > 120:  # cut between words, never inside one
+            detail = detail[:120].rsplit(" ", 1)[0] + " ..."
         raise VistokError(
             f"{path} is not a readable PyTorch checkpoint (it is truncated, corrupted or another kind of file: "
             f"{detail}); pass an intact .ckpt written by train.py."
