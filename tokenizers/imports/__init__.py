@@ -28,6 +28,8 @@ from vistok.tokenizers.errors import VistokError
 
 FORMATS: dict[str, tuple[str, str]] = {
     "titok": ("vistok.tokenizers.imports.titok", "TiTok (bytedance/1d-tokenizer): a folder with config.json and model.safetensors / pytorch_model.bin, or a state dict with --config"),
+    "llamagen": ("vistok.tokenizers.imports.llamagen", "LlamaGen VQ (FoundationVision/LlamaGen): a .pt holding 'model' and optionally 'ema'"),
+    "open-magvit2": ("vistok.tokenizers.imports.open_magvit2", "Open-MAGVIT2 (TencentARC/SEED-Voken): a Lightning .ckpt with model_ema.* copies"),
 }
 
 
