@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vistok.tokenizers import titok_original
 from vistok.tokenizers.conv import ConvDecoder, ConvEncoder
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.quantizers import Quantizer, QuantizerOutput, build_quantizer
@@ -43,6 +44,11 @@ OVERRIDES = {
     "titok": ("width", "depth", "heads", "mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads"),
     "conv": ("channels", "channel_mult", "num_res_blocks", "mid_attention", "dropout"),
 }
+
+# TiTok in its authors' layout (``vistok import titok``, two-stage training): the "titok" settings
+# plus legacy_reshape and pixel_decoder; see vistok.tokenizers.titok_original.
+PRESETS["titok_original"] = titok_original.PRESETS
+OVERRIDES["titok_original"] = titok_original.OVERRIDES
 
 DEFAULT_QUANTIZER = {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [8, 5, 5, 5]}
 
@@ -202,7 +208,7 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
     """Build an :class:`ImageTokenizer` from a preset plus overrides.
 
     Args:
-        arch: ``"titok"`` (1D transformer) or ``"conv"`` (2D VQGAN-style).
+        arch: ``"titok"`` (1D transformer), ``"titok_original"`` (TiTok in its authors' layout) or ``"conv"`` (2D VQGAN-style).
         preset: a key of ``PRESETS[arch]``.
         image_size: H = W in pixels; a multiple of the patch size (titok) or downsampling factor (conv).
         quantizer: a quantizer config (``{"_target_": "vistok.tokenizers.quantizers.FSQ", ...}``, see
@@ -230,7 +236,7 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
     dim = quantizer_module.dim
     settings = {**copy.deepcopy(PRESETS[arch][preset]), **{k: v for k, v in overrides.items() if v is not None}}
 
-    if arch == "titok":
+    if arch in ("titok", "titok_original"):
         preset_patch_size, preset_num_tokens = settings.pop("patch_size"), settings.pop("num_tokens")
         patch_size = preset_patch_size if patch_size is None else patch_size
         num_tokens = preset_num_tokens if num_tokens is None else num_tokens
@@ -246,10 +252,13 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
             if settings[f"{prefix}width"] % settings[f"{prefix}heads"]:
                 raise VistokError(f"{prefix}width {settings[f'{prefix}width']} is not divisible by {prefix}heads {settings[f'{prefix}heads']}; choose heads that divide the width.")
         settings["mlp_ratio"] = float(settings["mlp_ratio"])
-        encoder = TiTokEncoder(image_size, patch_size, num_tokens, settings["width"], settings["depth"],
-                               settings["heads"], settings["mlp_ratio"], out_dim=dim)
-        decoder = TiTokDecoder(image_size, patch_size, num_tokens, settings["decoder_width"],
-                               settings["decoder_depth"], settings["decoder_heads"], settings["mlp_ratio"], in_dim=dim)
+        if arch == "titok_original":
+            encoder, decoder = titok_original.build(image_size, patch_size, num_tokens, quantizer_module, settings)
+        else:
+            encoder = TiTokEncoder(image_size, patch_size, num_tokens, settings["width"], settings["depth"],
+                                   settings["heads"], settings["mlp_ratio"], out_dim=dim)
+            decoder = TiTokDecoder(image_size, patch_size, num_tokens, settings["decoder_width"],
+                                   settings["decoder_depth"], settings["decoder_heads"], settings["mlp_ratio"], in_dim=dim)
     else:
         settings["channel_mult"] = [int(m) for m in settings["channel_mult"]]
         _check_int("channels", settings["channels"], minimum=1)
