@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vistok.tokenizers import titok_original
+from vistok.tokenizers import llamagen, magvit2, titok_original
 from vistok.tokenizers.conv import ConvDecoder, ConvEncoder
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.quantizers import Quantizer, QuantizerOutput, build_quantizer
@@ -44,6 +44,14 @@ OVERRIDES = {
     "titok": ("width", "depth", "heads", "mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads"),
     "conv": ("channels", "channel_mult", "num_res_blocks", "mid_attention", "dropout"),
 }
+
+# Published 2D tokenizers (``vistok import``): modules with PRESETS, OVERRIDES and
+# build(image_size, dim, settings) -> (encoder, decoder). Their decoders have
+# no mask token, so they decode the full grid only (no token dropout, no prefixes).
+NAMED_ARCHS = {"llamagen": llamagen, "open_magvit2": magvit2}
+for _name, _module in NAMED_ARCHS.items():
+    PRESETS[_name] = _module.PRESETS
+    OVERRIDES[_name] = _module.OVERRIDES
 
 # TiTok in its authors' layout (``vistok import titok``, two-stage training): the "titok" settings
 # plus legacy_reshape and pixel_decoder; see vistok.tokenizers.titok_original.
@@ -192,6 +200,13 @@ class ImageTokenizer(nn.Module):
     def _check_prefix(self, k: int) -> None:
         if not 1 <= k <= self.max_tokens:
             raise VistokError(f"asked for {k} tokens, but this tokenizer uses 1 to {self.max_tokens} tokens per image; choose a number of tokens in that range.")
+        if k < self.max_tokens and not self.decodes_prefixes:
+            raise VistokError(f"asked for {k} tokens, but this {self.arch} tokenizer's 2D decoder has no mask token and decodes only its full grid of {self.max_tokens} tokens; use all {self.max_tokens}.")
+
+    @property
+    def decodes_prefixes(self) -> bool:
+        """Whether any prefix of 1..K tokens decodes (False for grid decoders without a mask token)."""
+        return getattr(self.decoder, "decodes_prefixes", True)
 
     def _check_lengths(self, lengths: torch.Tensor, batch_size: int) -> torch.Tensor:
         if lengths.shape != (batch_size,) or lengths.is_floating_point():
@@ -208,7 +223,8 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
     """Build an :class:`ImageTokenizer` from a preset plus overrides.
 
     Args:
-        arch: ``"titok"`` (1D transformer), ``"titok_original"`` (TiTok in its authors' layout) or ``"conv"`` (2D VQGAN-style).
+        arch: ``"titok"`` (1D transformer), ``"titok_original"`` (TiTok in its authors' layout), ``"conv"`` (2D VQGAN-style), or a published 2D
+            architecture of ``NAMED_ARCHS`` (``"llamagen"``, ``"open_magvit2"``).
         preset: a key of ``PRESETS[arch]``.
         image_size: H = W in pixels; a multiple of the patch size (titok) or downsampling factor (conv).
         quantizer: a quantizer config (``{"_target_": "vistok.tokenizers.quantizers.FSQ", ...}``, see
@@ -220,7 +236,8 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
             downsampling factor.
         token_dropout: None (no tail-token dropout) or ``TailTokenDropout`` kwargs.
         **overrides: titok: width, depth, heads, mlp_ratio, decoder_width, decoder_depth,
-            decoder_heads; conv: channels, channel_mult, num_res_blocks, mid_attention, dropout.
+            decoder_heads; conv: channels, channel_mult, num_res_blocks, mid_attention, dropout;
+            named architectures: their module's OVERRIDES.
     """
     if arch not in PRESETS:
         raise VistokError(f"unknown arch {arch!r}; use one of {', '.join(PRESETS)}.")
@@ -265,22 +282,28 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
         _check_int("num_res_blocks", settings["num_res_blocks"], minimum=1)
         if not settings["channel_mult"] or min(settings["channel_mult"]) < 1:
             raise VistokError(f"channel_mult must be a non-empty list of positive integers, got {settings['channel_mult']}.")
-        settings["mid_attention"] = bool(settings["mid_attention"])
-        settings["dropout"] = float(settings.get("dropout", 0.0))
+        if arch == "conv":
+            settings["mid_attention"] = bool(settings["mid_attention"])
+            settings["dropout"] = float(settings.get("dropout", 0.0))
+        elif token_dropout is not None:
+            raise VistokError(f"the {arch} decoder has no mask token and decodes only its full grid of tokens; set token_dropout to null.")
         factor = 2 ** (len(settings["channel_mult"]) - 1)
         if patch_size is not None and patch_size != factor:
-            raise VistokError(f"patch_size {patch_size} does not apply to the conv tokenizer, whose downsampling factor {factor} comes from channel_mult; leave patch_size unset.")
+            raise VistokError(f"patch_size {patch_size} does not apply to the {arch} tokenizer, whose downsampling factor {factor} comes from channel_mult; leave patch_size unset.")
         patch_size = factor
         if image_size % factor:
-            raise VistokError(f"image_size {image_size} is not a multiple of the conv downsampling factor {factor} (from channel_mult {settings['channel_mult']}); choose an image_size divisible by {factor}.")
+            raise VistokError(f"image_size {image_size} is not a multiple of the {arch} downsampling factor {factor} (from channel_mult {settings['channel_mult']}); choose an image_size divisible by {factor}.")
         grid_tokens = (image_size // factor) ** 2
         if num_tokens is not None and num_tokens != grid_tokens:
-            raise VistokError(f"num_tokens {num_tokens} does not match the conv tokenizer's {grid_tokens} tokens ((image_size / {factor})^2); leave num_tokens unset.")
+            raise VistokError(f"num_tokens {num_tokens} does not match the {arch} tokenizer's {grid_tokens} tokens ((image_size / {factor})^2); leave num_tokens unset.")
         num_tokens = grid_tokens
-        encoder = ConvEncoder(settings["channels"], settings["channel_mult"], settings["num_res_blocks"],
-                              settings["mid_attention"], out_dim=dim, dropout=settings["dropout"])
-        decoder = ConvDecoder(image_size, settings["channels"], settings["channel_mult"], settings["num_res_blocks"],
-                              settings["mid_attention"], in_dim=dim, dropout=settings["dropout"])
+        if arch in NAMED_ARCHS:
+            encoder, decoder = NAMED_ARCHS[arch].build(image_size, dim, settings)
+        else:
+            encoder = ConvEncoder(settings["channels"], settings["channel_mult"], settings["num_res_blocks"],
+                                  settings["mid_attention"], out_dim=dim, dropout=settings["dropout"])
+            decoder = ConvDecoder(image_size, settings["channels"], settings["channel_mult"], settings["num_res_blocks"],
+                                  settings["mid_attention"], in_dim=dim, dropout=settings["dropout"])
 
     dropout_module = None
     if token_dropout is not None:
