@@ -9,6 +9,7 @@ decoy in the copy the import must NOT take, so parity also proves which copy was
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import vistok.cli as vistok_cli
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.export import load
 from vistok.tokenizers.imports import import_tokenizer
+from vistok.tokenizers.model import build_tokenizer
 
 REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference"
 # Pixels differ from the originals by float32 rounding only (attention through one fused qkv
@@ -157,3 +159,59 @@ def test_unknown_and_missing_tensors_are_refused_by_name(tmp_path):
     torch.save({"state_dict": missing}, tmp_path / "missing.ckpt")
     with pytest.raises(VistokError, match="decoder.adaptive.1.gamma.weight"):
         import_tokenizer("open-magvit2", tmp_path / "missing.ckpt", image_size=64)
+
+
+# Other sizes: a vistok model of another size written under the original key names (the inverse of
+# the import's renaming) must come back with the same architecture and weights; no size is hard-coded.
+
+def as_llamagen_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {"quantize.codebook_used": torch.zeros(65536)}
+    for key, value in state.items():
+        key = re.sub(r"^encoder\.quant_conv\.", "quant_conv.", key)
+        key = re.sub(r"^decoder\.post_quant_conv\.", "post_quant_conv.", key)
+        key = re.sub(r"^encoder\.(conv_blocks\.\d+)\.resample\.", r"encoder.\1.downsample.", key)
+        key = re.sub(r"^decoder\.(conv_blocks\.\d+)\.resample\.", r"decoder.\1.upsample.", key)
+        key = key.replace("quantizer.codebook", "quantize.embedding.weight").replace(".skip.", ".nin_shortcut.")
+        key = key.replace(".proj.", ".proj_out.")
+        if ".qkv." in key:
+            for name, chunk in zip("qkv", value.chunk(3)):
+                out[key.replace(".qkv.", f".{name}.")] = chunk
+        else:
+            out[key] = value
+    return out
+
+
+def as_open_magvit2_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        key = re.sub(r"\.downsample\.conv\.", ".downsample.", key).replace(".skip.", ".nin_shortcut.")
+        if ".upsample.conv." in key:  # pixel_shuffle channel c*4+k back to depth_to_space's k*C+c
+            key = key.replace(".upsample.conv.", ".upsample.conv1.")
+            value = value.reshape(-1, 4, *value.shape[1:]).transpose(0, 1).reshape(value.shape)
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["llamagen", "open-magvit2"])
+def test_other_sizes_convert(tmp_path, fmt):
+    if fmt == "llamagen":
+        original = build_tokenizer(arch="llamagen", image_size=32, channels=32, channel_mult=[1, 2, 2], num_res_blocks=1,
+                                   z_channels=16, quantizer={"_target_": "vistok.tokenizers.quantizers.VectorQuantizer",
+                                                             "dim": 4, "codebook_size": 64, "use_cosine": True})
+        torch.save({"ema": as_llamagen_state(original.state_dict())}, tmp_path / "vq.pt")
+        imported = import_tokenizer(fmt, tmp_path / "vq.pt", image_size=32).tokenizer
+    else:
+        original = build_tokenizer(arch="open_magvit2", image_size=32, channels=32, channel_mult=[1, 2, 2], num_res_blocks=3,
+                                   quantizer={"_target_": "vistok.tokenizers.quantizers.LFQ", "dim": 10})
+        torch.save({"state_dict": as_open_magvit2_state(original.state_dict())}, tmp_path / "m.ckpt")
+        imported = import_tokenizer(fmt, tmp_path / "m.ckpt", image_size=32).tokenizer
+    assert {**imported.config, "preset": None} == {**original.config, "preset": None}  # the preset is a label
+    assert same_state(imported.state_dict(), original.state_dict())
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(imported.encode(images), original.eval().encode(images))
+        torch.testing.assert_close(imported.decode(imported.encode(images)), original.decode(original.encode(images)))
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -30,8 +30,10 @@ from torch import nn
 from vistok.tokenizers.conv import AttentionBlock, ResnetBlock, Upsample, full_grid, group_norm
 from vistok.tokenizers.errors import VistokError
 
-# VQ-16 and VQ-8 as released (tokenizer_image/vq_model.py: ch 128, num_res_blocks 2, z_channels 256).
+# VQ-16 and VQ-8 as released (tokenizer_image/vq_model.py: ch 128, num_res_blocks 2, z_channels 256);
+# "tiny" trains on a CPU at 16-32 px.
 PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "z_channels": 16},
     "vq16": {"channels": 128, "channel_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "z_channels": 256},
     "vq8": {"channels": 128, "channel_mult": [1, 2, 2, 4], "num_res_blocks": 2, "z_channels": 256},
 }

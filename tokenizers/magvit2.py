@@ -35,8 +35,10 @@ from torch import nn
 
 from vistok.tokenizers.conv import Downsample, ResnetBlock, full_grid, group_norm
 
-# The released Open-MAGVIT2 "L" tokenizers (configs/Open-MAGVIT2/gpu/imagenet_lfqgan_{128,256}_L.yaml).
+# The released Open-MAGVIT2 "L" tokenizers (configs/Open-MAGVIT2/gpu/imagenet_lfqgan_{128,256}_L.yaml);
+# "tiny" trains on a CPU at 16-32 px.
 PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1},
     "L": {"channels": 128, "channel_mult": [1, 1, 2, 2, 4], "num_res_blocks": 4},
 }
 OVERRIDES = ("channels", "channel_mult", "num_res_blocks")

@@ -25,7 +25,8 @@ import torch
 
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.imports.common import Imported, load_weights, read_weights, rename_keys, tensors_only
-from vistok.tokenizers.imports.shapes import count, level_widths, shape
+from vistok.tokenizers.imports.shapes import count, level_widths, matching_preset, shape
+from vistok.tokenizers.llamagen import PRESETS
 
 REPOSITORY = "https://github.com/FoundationVision/LlamaGen"
 FORMAT = "llamagen"
@@ -108,7 +109,7 @@ def convert(src: Path, args: argparse.Namespace) -> Imported:
     arch = infer_architecture(state, src)
     used = state.pop("quantize.codebook_used", None)
     tokenizer = build_tokenizer(
-        arch="llamagen", preset="vq16", image_size=args.image_size,
+        arch="llamagen", preset=matching_preset(PRESETS, arch, "vq16"), image_size=args.image_size,
         quantizer={"_target_": "vistok.tokenizers.quantizers.VectorQuantizer", "dim": arch["codebook_dim"],
                    "codebook_size": arch["codebook_size"], "use_cosine": bool(args.codebook_l2_norm)},
         channels=arch["channels"], channel_mult=arch["channel_mult"], num_res_blocks=arch["num_res_blocks"],

@@ -23,7 +23,8 @@ import torch
 
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.imports.common import Imported, load_weights, read_weights, rename_keys, tensors_only
-from vistok.tokenizers.imports.shapes import count, level_widths, shape
+from vistok.tokenizers.imports.shapes import count, level_widths, matching_preset, shape
+from vistok.tokenizers.magvit2 import PRESETS
 
 REPOSITORY = "https://github.com/TencentARC/SEED-Voken"
 FORMAT = "open-magvit2"
@@ -100,7 +101,7 @@ def convert(src: Path, args: argparse.Namespace) -> Imported:
     state, taken = select_weights(tensors_only(container, str(src)), src, args.weights)
     arch = infer_architecture(state, src)
     tokenizer = build_tokenizer(
-        arch="open_magvit2", preset="L", image_size=args.image_size,
+        arch="open_magvit2", preset=matching_preset(PRESETS, arch, "L"), image_size=args.image_size,
         quantizer={"_target_": "vistok.tokenizers.quantizers.LFQ", "dim": arch["bits"]},
         channels=arch["channels"], channel_mult=arch["channel_mult"], num_res_blocks=arch["num_res_blocks"])
     load_weights(tokenizer, rename_keys(state, RULES, str(src), FORMAT), str(src), FORMAT)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -32,3 +33,11 @@ def level_widths(state: Mapping[str, torch.Tensor], key: str, levels: int, base:
     if any(width % base for width in widths):
         raise VistokError(f"{source} has level widths {widths} that are not multiples of the base width {base}; pass an unmodified {what} checkpoint.")
     return [width // base for width in widths]
+
+
+def matching_preset(presets: Mapping[str, Mapping[str, Any]], settings: Mapping[str, Any], default: str) -> str:
+    """The preset whose every setting equals ``settings`` (e.g. "vq16" for the released VQ-16), else ``default``.
+
+    The preset is a label here: the converter passes every setting explicitly as an override.
+    """
+    return next((name for name, preset in presets.items() if all(settings.get(k) == v for k, v in preset.items())), default)
