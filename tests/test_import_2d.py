@@ -184,9 +184,9 @@ def as_llamagen_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def as_open_magvit2_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
-        key = re.sub(r"\.downsample\.conv\.", ".downsample.", key).replace(".skip.", ".nin_shortcut.")
-        if ".upsample.conv." in key:  # pixel_shuffle channel c*4+k back to depth_to_space's k*C+c
-            key = key.replace(".upsample.conv.", ".upsample.conv1.")
+        key = re.sub(r"^encoder\.(down\.\d+)\.resample\.conv\.", r"encoder.\1.downsample.", key).replace(".skip.", ".nin_shortcut.")
+        if key.startswith("decoder.up.") and ".resample.conv." in key:  # pixel_shuffle channel c*4+k back to k*C+c
+            key = key.replace(".resample.conv.", ".upsample.conv1.")
             value = value.reshape(-1, 4, *value.shape[1:]).transpose(0, 1).reshape(value.shape)
         out[key] = value
     return out

@@ -76,28 +76,18 @@ class DepthToSpaceUpsample(nn.Module):
         return F.pixel_shuffle(self.conv(x), 2)
 
 
-class DownLevel(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, downsample: bool) -> None:
+class Level(nn.Module):
+    """One resolution level: ResNet blocks, then a down- or upsampler (or nothing)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, resample: nn.Module | None) -> None:
         super().__init__()
         self.block = res_blocks(in_channels, out_channels, num_blocks)
-        self.downsample = Downsample(out_channels) if downsample else nn.Identity()
+        self.resample = resample if resample is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.block:
             x = block(x)
-        return self.downsample(x)
-
-
-class UpLevel(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, upsample: bool) -> None:
-        super().__init__()
-        self.block = res_blocks(in_channels, out_channels, num_blocks)
-        self.upsample = DepthToSpaceUpsample(out_channels) if upsample else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            x = block(x)
-        return self.upsample(x)
+        return self.resample(x)
 
 
 class MagvitEncoder(nn.Module):
@@ -115,7 +105,7 @@ class MagvitEncoder(nn.Module):
         widths = [channels * m for m in channel_mult]
         self.conv_in = nn.Conv2d(3, channels, 3, padding=1, bias=False)
         self.down = nn.ModuleList(
-            DownLevel(([channels] + widths)[i], width, num_res_blocks, downsample=i < len(widths) - 1)
+            Level(([channels] + widths)[i], width, num_res_blocks, Downsample(width) if i < len(widths) - 1 else None)
             for i, width in enumerate(widths))
         self.mid_block = res_blocks(widths[-1], widths[-1], num_res_blocks)
         self.norm_out = group_norm(widths[-1])
@@ -145,7 +135,7 @@ class MagvitDecoder(nn.Module):
         inputs = [*widths[1:], widths[-1]]  # level i receives level i+1's output
         self.conv_in = nn.Conv2d(in_dim, widths[-1], 3, padding=1)
         self.mid_block = res_blocks(widths[-1], widths[-1], num_res_blocks)
-        self.up = nn.ModuleList(UpLevel(inputs[i], widths[i], num_res_blocks, upsample=i > 0)
+        self.up = nn.ModuleList(Level(inputs[i], widths[i], num_res_blocks, DepthToSpaceUpsample(widths[i]) if i > 0 else None)
                                 for i in range(len(widths)))
         self.adaptive = nn.ModuleList(AdaptiveGroupNorm(in_dim, inputs[i]) for i in range(len(widths)))
         self.norm_out = group_norm(widths[0])

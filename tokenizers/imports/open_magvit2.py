@@ -10,8 +10,8 @@ the import takes those when present (``--weights raw`` takes ``encoder.*``/``dec
 
 The architecture (base width, channel multipliers, blocks per level, LFQ bits) is read from the
 tensor shapes; the image size is a flag (``--image-size``, default 256). Key mapping:
-``nin_shortcut`` -> ``skip``, ``downsample`` -> ``downsample.conv``, ``upsample.conv1`` ->
-``upsample.conv`` with its output channels permuted from Open-MAGVIT2's depth_to_space order
+``nin_shortcut`` -> ``skip``, ``downsample`` -> ``resample.conv``, ``upsample.conv1`` ->
+``resample.conv`` with its output channels permuted from Open-MAGVIT2's depth_to_space order
 (channel (2i + j) * C + c) to ``pixel_shuffle``'s (c * 4 + 2i + j). LFQ has no stored state.
 """
 from __future__ import annotations
@@ -39,8 +39,8 @@ def depth_to_space_to_pixel_shuffle(tensor: torch.Tensor) -> torch.Tensor:
 
 
 RULES = [
-    (r"encoder\.down\.(\d+)\.downsample\.(weight|bias)", r"encoder.down.\1.downsample.conv.\2"),
-    (r"decoder\.up\.(\d+)\.upsample\.conv1\.(weight|bias)", r"decoder.up.\1.upsample.conv.\2", depth_to_space_to_pixel_shuffle),
+    (r"encoder\.down\.(\d+)\.downsample\.(weight|bias)", r"encoder.down.\1.resample.conv.\2"),
+    (r"decoder\.up\.(\d+)\.upsample\.conv1\.(weight|bias)", r"decoder.up.\1.resample.conv.\2", depth_to_space_to_pixel_shuffle),
     (r"(.+)\.nin_shortcut\.weight", r"\1.skip.weight"),
     (r"((?:encoder\.down|decoder\.up)\.\d+\.block\.\d+|(?:encoder|decoder)\.mid_block\.\d+)\.((?:norm|conv)[12])\.(weight|bias)", r"\1.\2.\3"),
     (r"decoder\.adaptive\.(\d+)\.(gamma|beta)\.(weight|bias)", r"decoder.adaptive.\1.\2.\3"),
