@@ -340,7 +340,7 @@ def _info(args: argparse.Namespace) -> int:
         ("source", f"{loaded.source} ({kind})"),
         ("architecture", f"{config['arch']} / {config['quantizer']}"),
         ("codebook", codebook),
-        ("tokens", f"up to {config['max_tokens']} per image (any prefix decodes), dimension {config['token_dim']}"),
+        ("tokens", f"up to {config['max_tokens']} per image ({'any prefix decodes' if loaded.tokenizer.decodes_prefixes else 'only the full grid decodes'}), dimension {config['token_dim']}"),
         ("image size", f"{config['image_size']}x{config['image_size']}"),
         ("input", config["input"]["images"]),
         ("weights", f"{config['weights']['kind']}, {config['weights']['num_parameters']:,} parameters, fingerprint {loaded.fingerprint}"),
