@@ -157,7 +157,9 @@ class OriginalTiTokDecoder(nn.Module):
     def decode_proxy(self, weights: torch.Tensor) -> torch.Tensor:
         """(B, g*g, codebook_size) weights over the pixel codebook (soft, or one-hot hard codes)
         -> image (B, 3, H, W) about [-1, 1] through the pixel decoder."""
-        pixels = self.pixel_decoder(weights @ self.pixel_quantizer.codes())
+        codes = self.pixel_quantizer.codes()
+        # a mix of codes maps out like the codes (project_out is affine and the weights sum to 1)
+        pixels = self.pixel_decoder(self.pixel_quantizer.project_out(weights @ codes))
         return pixels * 2 - 1 if getattr(self.pixel_decoder, "unit_range_output", False) else pixels
 
 
