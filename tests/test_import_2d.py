@@ -132,6 +132,8 @@ def test_import_then_load_and_score_from_the_command_line(tmp_path, capsys, fmt)
     check_parity(loaded, io)
 
     capsys.readouterr()
+    assert vistok_cli.main(["info", str(out)]) == 0
+    assert "only the full grid decodes" in capsys.readouterr().out
     assert vistok_cli.main(["score", str(out), "sample", "--limit", "8", "--codecs", "", "--examples", "0",
                             "--out", str(tmp_path / "score")]) == 0
     table = capsys.readouterr().out
