@@ -129,7 +129,8 @@ def test_import_then_load_and_score_from_the_command_line(tmp_path, capsys, fmt)
     assert "licen" in (out / "README.md").read_text().lower()
 
     loaded = load(out)  # rebuilt from config.json alone
-    check_parity(loaded, io)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(io["images_uint8"].float() / 255).reshape(-1), io["indices"])
 
     capsys.readouterr()
     assert vistok_cli.main(["info", str(out)]) == 0
