@@ -16,7 +16,6 @@ whose sizes are read from its shapes.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,13 @@ import torch
 
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.imports.common import Imported, load_weights, read_json, read_weights, rename_keys, tensors_only
+from vistok.tokenizers.imports.shapes import count, level_widths, shape
 
 REPOSITORY = "https://github.com/bytedance/1d-tokenizer"
 # modeling/modules/blocks.py: TiTokEncoder / TiTokDecoder size tables (heads only; widths and depths come from shapes)
 HEADS = {"small": 8, "base": 12, "large": 16}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WHAT = "a TiTok"  # completes the shape helpers' sentences: "pass a TiTok checkpoint"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,11 +111,6 @@ def _read_source(src: Path, config_path: str | None) -> tuple[dict[str, torch.Te
     return state, config, weights
 
 
-def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
-    found = {int(m.group(1)) for k in state if (m := re.fullmatch(pattern, k))}
-    return max(found) + 1 if found else 0
-
-
 def _heads(size: Any, given: int | None, part: str, src: Path) -> int:
     if given is not None:
         return int(given)
@@ -124,26 +120,19 @@ def _heads(size: Any, given: int | None, part: str, src: Path) -> int:
     raise VistokError(f"{src}'s {part} size {size!r} is not one of TiTok's {', '.join(HEADS)}, so its number of attention heads is unknown; pass {flag} N.")
 
 
-def _need(state: dict[str, torch.Tensor], key: str, src: Path) -> torch.Tensor:
-    if key not in state:
-        raise VistokError(f"{src} lacks the tensor '{key}' every TiTok checkpoint has; pass a complete TiTok state dict.")
-    return state[key]
-
-
 def _pixel_decoder(state: dict[str, torch.Tensor], src: Path) -> dict[str, Any]:
     """MaskGIT-VQGAN decoder sizes from its shapes (level i's width = channels * channel_mult[i])."""
-    codebook = _need(state, "pixel_quantize.embedding.weight", src)
-    levels = _count(state, r"pixel_decoder\.up\.(\d+)\..*")
-    widths = [int(_need(state, f"pixel_decoder.up.{i}.block.0.conv1.weight", src).shape[0]) for i in range(levels)]
-    if not widths or any(w % widths[0] for w in widths):
-        raise VistokError(f"{src}'s pixel_decoder levels have widths {widths}, not multiples of the finest level's; pass an unmodified two-stage TiTok checkpoint.")
+    codebook = shape(state, "pixel_quantize.embedding.weight", str(src), WHAT)
+    key = "pixel_decoder.up.{}.block.0.conv1.weight"
+    channels = int(shape(state, key.format(0), str(src), WHAT)[0])
+    channel_mult = level_widths(state, key, count(state, "pixel_decoder.up."), channels, str(src), WHAT)
     return {
         "arch": "maskgit_vqgan",
-        "codebook_size": int(codebook.shape[0]),
-        "dim": int(codebook.shape[1]),
-        "channels": widths[0],
-        "channel_mult": [w // widths[0] for w in widths],
-        "num_res_blocks": _count(state, r"pixel_decoder\.up\.0\.block\.(\d+)\..*"),
+        "codebook_size": int(codebook[0]),
+        "dim": int(codebook[1]),
+        "channels": channels,
+        "channel_mult": channel_mult,
+        "num_res_blocks": count(state, "pixel_decoder.up.0.block."),
     }
 
 
@@ -152,24 +141,23 @@ def convert(src: Path, args: argparse.Namespace) -> Imported:
 
     state, config, weights = _read_source(src, args.config)
     vq = config["model"]["vq_model"]
-    width, num_tokens = (int(n) for n in reversed(_need(state, "latent_tokens", src).shape))
-    patch = _need(state, "encoder.patch_embed.weight", src)
-    patch_size = int(patch.shape[-1])
-    grid = round((int(_need(state, "encoder.positional_embedding", src).shape[0]) - 1) ** 0.5)
+    num_tokens, width = (int(n) for n in shape(state, "latent_tokens", str(src), WHAT))
+    patch_size = int(shape(state, "encoder.patch_embed.weight", str(src), WHAT)[-1])
+    grid = round((int(shape(state, "encoder.positional_embedding", str(src), WHAT)[0]) - 1) ** 0.5)
     image_size = grid * patch_size
     crop = (config.get("dataset") or {}).get("preprocessing", {}).get("crop_size")
     if crop is not None and int(crop) != image_size:
         raise VistokError(f"{src}'s config says crop_size {crop} but its positional embeddings fit {image_size}x{image_size} images; pass the config published with these weights.")
-    token_size = int(_need(state, "decoder.decoder_embed.weight", src).shape[1])
+    token_size = int(shape(state, "decoder.decoder_embed.weight", str(src), WHAT)[1])
     mode = vq.get("quantize_mode", "vq")
     legacy = bool(vq.get("is_legacy", True))
     two_stage = any(k.startswith("pixel_decoder.") for k in state)
     if "decoder.ffn.2.weight" in state and not two_stage:
         raise VistokError(f"{src} is a stage-1 TiTok (its decoder predicts proxy codes) without the pixel decoder; pass a stage-2 checkpoint, whose pixel_decoder.* tensors decode images.")
     if mode == "vq":
-        codebook = _need(state, "quantize.embedding.weight", src)
+        codebook = shape(state, "quantize.embedding.weight", str(src), WHAT)
         quantizer = {"_target_": "vistok.tokenizers.quantizers.VectorQuantizer", "dim": token_size,
-                     "codebook_size": int(codebook.shape[0]), "use_cosine": bool(vq.get("use_l2_norm", False)),
+                     "codebook_size": int(codebook[0]), "use_cosine": bool(vq.get("use_l2_norm", False)),
                      "commitment_weight": float(vq.get("commitment_cost", 0.25))}
     elif mode == "vae":
         quantizer = {"_target_": "vistok.tokenizers.quantizers.DiagonalGaussian", "dim": token_size}
@@ -177,10 +165,10 @@ def convert(src: Path, args: argparse.Namespace) -> Imported:
         raise VistokError(f"{src}'s quantize_mode {mode!r} is not supported by the titok import (it reads 'vq' and 'vae').")
     tokenizer = build_tokenizer(
         arch="titok_original", preset="tiny", image_size=image_size, quantizer=quantizer, num_tokens=num_tokens,
-        patch_size=patch_size, width=width, depth=_count(state, r"encoder\.transformer\.(\d+)\..*"),
+        patch_size=patch_size, width=width, depth=count(state, "encoder.transformer."),
         heads=_heads(vq.get("vit_enc_model_size"), args.heads, "encoder", src),
-        decoder_width=int(_need(state, "decoder.class_embedding", src).shape[-1]),
-        decoder_depth=_count(state, r"decoder\.transformer\.(\d+)\..*"),
+        decoder_width=int(shape(state, "decoder.class_embedding", str(src), WHAT)[-1]),
+        decoder_depth=count(state, "decoder.transformer."),
         decoder_heads=_heads(vq.get("vit_dec_model_size"), args.decoder_heads if args.decoder_heads is not None else args.heads, "decoder", src),
         legacy_reshape=legacy, pixel_decoder=_pixel_decoder(state, src) if two_stage else None,
     )
