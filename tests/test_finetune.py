@@ -26,8 +26,8 @@ TINY_TITOK = ["model.image_size=16", "model.patch_size=4", "model.num_tokens=8",
               "model.heads=2", "quantizer=vq", "quantizer.dim=4", "quantizer.codebook_size=32"]
 
 
-def overrides(data_dir: Path, steps: int, image_size: int = 16) -> list[str]:
-    return [f"data.data_dir={data_dir}", f"data.image_size={image_size}", "data.batch_size=4", "data.num_workers=0",
+def overrides(data_dir: Path, steps: int) -> list[str]:
+    return [f"data.data_dir={data_dir}", "data.batch_size=4", "data.num_workers=0",
             "data.crops_per_photo=2", "data.val_crops_per_photo=1", "data.shuffle_buffer=0", "data.batches_per_epoch=50",
             f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=1",
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "optim.warmup_steps=1",
@@ -93,7 +93,7 @@ def titok_checkpoint(data_dir, tmp_path_factory) -> Path:
 
 
 def test_init_from_a_checkpoint_starts_fresh_and_freeze_decoder_trains_only_the_rest(titok_checkpoint, data_dir, tmp_path):
-    cfg = make_cfg(*overrides(data_dir, steps=3), f"init_from={titok_checkpoint}", "freeze=[decoder]")
+    cfg = make_cfg(*overrides(data_dir, steps=3), f"init_from={titok_checkpoint}", "freeze=[decoder]")  # 16 px from the checkpoint
     snap = run(cfg, tmp_path)
     model = load(titok_checkpoint)  # the checkpoint's EMA weights, as export writes them
     initial = model.state_dict()
@@ -112,7 +112,8 @@ def test_decoder_only_fine_tune_of_an_imported_llamagen(data_dir, tmp_path):
     imported = import_tokenizer("llamagen", tmp_path / "vq_ds16_c2i.pt", image_size=32)
     export = write_import(imported, tmp_path / "vq_ds16_c2i.pt", tmp_path / "llamagen")
 
-    cfg = make_cfg(*overrides(data_dir, steps=2, image_size=32), f"init_from={export}", "freeze=[encoder,quantizer]")
+    # data.image_size follows the imported model's 32 px, not the model group's
+    cfg = make_cfg(*overrides(data_dir, steps=2), f"init_from={export}", "freeze=[encoder,quantizer]")
     snap = run(cfg, tmp_path / "run")
     initial = imported.tokenizer.state_dict()
     assert same(snap.start, initial)

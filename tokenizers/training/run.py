@@ -133,6 +133,9 @@ def build_module(cfg: DictConfig) -> TokenizerModule:
                              optim=plain(cfg.optim), ema=plain(cfg.ema), validation=plain(cfg.validation),
                              compile=bool(cfg.compile), teacher=cfg.get("teacher"))
     finetune.prepare(module, initial, plain(cfg.get("freeze")))
+    if initial is not None and "data" in cfg and OmegaConf.is_interpolation(cfg.data, "image_size"):
+        # data.image_size follows model.image_size, which init_from replaced by the loaded model's
+        cfg.data.image_size = module.tokenizer.image_size
     return module
 
 
