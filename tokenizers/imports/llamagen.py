@@ -25,7 +25,7 @@ import torch
 
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.imports.common import Imported, load_weights, read_weights, rename_keys, tensors_only
-from vistok.tokenizers.imports.shapes import count, level_widths, matching_preset, shape
+from vistok.tokenizers.imports.shapes import conv_layout, matching_preset, shape
 from vistok.tokenizers.llamagen import PRESETS
 
 REPOSITORY = "https://github.com/FoundationVision/LlamaGen"
@@ -72,16 +72,9 @@ def select_weights(container: object, src: Path, choice: str | None) -> tuple[di
 
 def infer_architecture(state: dict[str, torch.Tensor], src: Path) -> dict:
     """build_tokenizer settings read from the shapes of a LlamaGen VQModel state dict."""
-    channels = int(shape(state, "encoder.conv_in.weight", str(src), WHAT)[0])
-    levels = count(state, "encoder.conv_blocks.")
-    blocks = count(state, "encoder.conv_blocks.0.res.")
-    if levels < 1 or blocks < 1:
-        raise VistokError(f"{src} has no encoder.conv_blocks.0.res.0 tensors; pass {WHAT} checkpoint.")
     codebook_size, codebook_dim = shape(state, "quantize.embedding.weight", str(src), WHAT)
     return {
-        "channels": channels,
-        "channel_mult": level_widths(state, "encoder.conv_blocks.{}.res.0.conv1.weight", levels, channels, str(src), WHAT),
-        "num_res_blocks": blocks,
+        **conv_layout(state, "encoder.conv_blocks", "res", str(src), WHAT),
         "z_channels": int(shape(state, "encoder.conv_out.weight", str(src), WHAT)[0]),
         "codebook_size": int(codebook_size),
         "codebook_dim": int(codebook_dim),

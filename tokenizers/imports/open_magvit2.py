@@ -23,7 +23,7 @@ import torch
 
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.imports.common import Imported, load_weights, read_weights, rename_keys, tensors_only
-from vistok.tokenizers.imports.shapes import count, level_widths, matching_preset, shape
+from vistok.tokenizers.imports.shapes import conv_layout, matching_preset, shape
 from vistok.tokenizers.magvit2 import PRESETS
 
 REPOSITORY = "https://github.com/TencentARC/SEED-Voken"
@@ -78,17 +78,8 @@ def select_weights(state: dict[str, torch.Tensor], src: Path, choice: str | None
 
 def infer_architecture(state: dict[str, torch.Tensor], src: Path) -> dict:
     """build_tokenizer settings read from the shapes of an Open-MAGVIT2 encoder/decoder state dict."""
-    channels = int(shape(state, "encoder.conv_in.weight", str(src), WHAT)[0])
-    levels = count(state, "encoder.down.")
-    blocks = count(state, "encoder.down.0.block.")
-    if levels < 1 or blocks < 1:
-        raise VistokError(f"{src} has no encoder.down.0.block.0 tensors; pass {WHAT} checkpoint.")
-    return {
-        "channels": channels,
-        "channel_mult": level_widths(state, "encoder.down.{}.block.0.conv1.weight", levels, channels, str(src), WHAT),
-        "num_res_blocks": blocks,
-        "bits": int(shape(state, "encoder.conv_out.weight", str(src), WHAT)[0]),
-    }
+    return {**conv_layout(state, "encoder.down", "block", str(src), WHAT),
+            "bits": int(shape(state, "encoder.conv_out.weight", str(src), WHAT)[0])}
 
 
 def convert(src: Path, args: argparse.Namespace) -> Imported:

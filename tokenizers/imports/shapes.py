@@ -27,12 +27,22 @@ def shape(state: Mapping[str, torch.Tensor], key: str, source: str, what: str) -
     return state[key].shape
 
 
-def level_widths(state: Mapping[str, torch.Tensor], key: str, levels: int, base: int, source: str, what: str) -> list[int]:
-    """Channel multipliers ``width_i / base`` from the first dimension of ``key.format(i)``, i < levels."""
-    widths = [int(shape(state, key.format(i), source, what)[0]) for i in range(levels)]
-    if any(width % base for width in widths):
-        raise VistokError(f"{source} has level widths {widths} that are not multiples of the base width {base}; pass an unmodified {what} checkpoint.")
-    return [width // base for width in widths]
+def conv_layout(state: Mapping[str, torch.Tensor], levels: str, blocks: str, source: str, what: str) -> dict[str, Any]:
+    """``channels``, ``channel_mult`` and ``num_res_blocks`` of a VQGAN-style encoder from its key names and shapes.
+
+    The encoder's input convolution is ``encoder.conv_in``; level i's ResNet block j lives at
+    ``f"{levels}.{i}.{blocks}.{j}"`` (e.g. levels="encoder.down", blocks="block"), its first
+    convolution's output width being level i's width.
+    """
+    channels = int(shape(state, "encoder.conv_in.weight", source, what)[0])
+    num_levels = count(state, f"{levels}.")
+    num_blocks = count(state, f"{levels}.0.{blocks}.")
+    if num_levels < 1 or num_blocks < 1:
+        raise VistokError(f"{source} has no {levels}.0.{blocks}.0 tensors; pass {what} checkpoint.")
+    widths = [int(shape(state, f"{levels}.{i}.{blocks}.0.conv1.weight", source, what)[0]) for i in range(num_levels)]
+    if any(width % channels for width in widths):
+        raise VistokError(f"{source} has level widths {widths} that are not multiples of the base width {channels}; pass an unmodified {what} checkpoint.")
+    return {"channels": channels, "channel_mult": [width // channels for width in widths], "num_res_blocks": num_blocks}
 
 
 def matching_preset(presets: Mapping[str, Mapping[str, Any]], settings: Mapping[str, Any], default: str) -> str:
