@@ -132,6 +132,8 @@ def test_import_command_then_score(name, tmp_path, capsys, monkeypatch):
     config = json.loads((out / "config.json").read_text())
     assert config["arch"] == "titok_original" and config["source"]["repository"] == "https://github.com/bytedance/1d-tokenizer"
     assert "licence is their authors'" in (out / "README.md").read_text()
+    assert vistok_cli.main(["info", str(out)]) == 0
+    assert "bytedance/1d-tokenizer (licence: its authors')" in capsys.readouterr().out
 
     loaded = vistok.load(out)
     _, io = fixture(name)

@@ -344,8 +344,12 @@ def _info(args: argparse.Namespace) -> int:
         ("image size", f"{config['image_size']}x{config['image_size']}"),
         ("input", config["input"]["images"]),
         ("weights", f"{config['weights']['kind']}, {config['weights']['num_parameters']:,} parameters, fingerprint {loaded.fingerprint}"),
-        ("trained", f"step {training.get('step')} from {training.get('checkpoint')} with vistok {training.get('vistok_version')}"),
     ]
+    source = config.get("source")
+    if isinstance(source, dict):  # `vistok import`: the weights are another project's
+        rows.append(("imported", f"{source.get('format')} file {source.get('file')} of {source.get('repository')} (licence: its authors')"))
+    else:
+        rows.append(("trained", f"step {training.get('step')} from {training.get('checkpoint')} with vistok {training.get('vistok_version')}"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -428,6 +428,8 @@ def model_card(config: Mapping[str, Any]) -> str:
     if metrics:
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {name} | {value:.6g} |" if isinstance(value, float) else f"| {name} | {value} |" for name, value in sorted(metrics.items())]
+    elif isinstance(source, Mapping):
+        lines.append("None: the weights were imported; measure them with `vistok score`.")
     else:
         lines.append("The checkpoint recorded no validation metrics.")
     lines += [

@@ -23,7 +23,7 @@ import torch
 
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.imports.common import Imported, load_weights, read_json, read_weights, rename_keys, tensors_only
-from vistok.tokenizers.imports.shapes import count, level_widths, shape
+from vistok.tokenizers.imports.shapes import count, shape
 
 REPOSITORY = "https://github.com/bytedance/1d-tokenizer"
 # modeling/modules/blocks.py: TiTokEncoder / TiTokDecoder size tables (heads only; widths and depths come from shapes)
@@ -123,15 +123,16 @@ def _heads(size: Any, given: int | None, part: str, src: Path) -> int:
 def _pixel_decoder(state: dict[str, torch.Tensor], src: Path) -> dict[str, Any]:
     """MaskGIT-VQGAN decoder sizes from its shapes (level i's width = channels * channel_mult[i])."""
     codebook = shape(state, "pixel_quantize.embedding.weight", str(src), WHAT)
-    key = "pixel_decoder.up.{}.block.0.conv1.weight"
-    channels = int(shape(state, key.format(0), str(src), WHAT)[0])
-    channel_mult = level_widths(state, key, count(state, "pixel_decoder.up."), channels, str(src), WHAT)
+    widths = [int(shape(state, f"pixel_decoder.up.{i}.block.0.conv1.weight", str(src), WHAT)[0])
+              for i in range(count(state, "pixel_decoder.up."))]
+    if not widths or any(width % widths[0] for width in widths):
+        raise VistokError(f"{src}'s pixel_decoder levels have widths {widths}, not multiples of the finest level's; pass an unmodified two-stage TiTok checkpoint.")
     return {
         "arch": "maskgit_vqgan",
         "codebook_size": int(codebook[0]),
         "dim": int(codebook[1]),
-        "channels": channels,
-        "channel_mult": channel_mult,
+        "channels": widths[0],
+        "channel_mult": [width // widths[0] for width in widths],
         "num_res_blocks": count(state, "pixel_decoder.up.0.block."),
     }
 
