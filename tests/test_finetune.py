@@ -123,6 +123,9 @@ def test_decoder_only_fine_tune_of_an_imported_llamagen(data_dir, tmp_path):
     assert not same(part(snap.end, "decoder"), part(initial, "decoder"))
     assert snap.optimized == len(list(imported.tokenizer.decoder.parameters()))
     assert load(next((tmp_path / "run").rglob("last.ckpt"))).arch == "llamagen"
+    with pytest.raises(VistokError, match="decodes only its full grid of 4 tokens"):  # validation at K only
+        training.run_training(make_cfg(*overrides(data_dir, steps=2), f"init_from={export}", "validation.token_counts=[2,4]"),
+                              tmp_path / "never")
 
 
 @pytest.mark.parametrize(("setting", "message"), [

@@ -150,6 +150,8 @@ def test_the_2d_grid_refuses_token_prefixes_in_one_sentence(tmp_path):
     tokens = tokenizer.encode(images)
     with pytest.raises(VistokError, match="full grid"):
         tokenizer.decode(tokens[:, :8])
+    with pytest.raises(VistokError, match="set token_dropout to null"):
+        build_tokenizer(**{**tokenizer.config, "token_dropout": {"p": 1.0}})
 
 
 def test_unknown_and_missing_tensors_are_refused_by_name(tmp_path):
