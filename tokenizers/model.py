@@ -229,7 +229,8 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
         image_size: H = W in pixels; a multiple of the patch size (titok) or downsampling factor (conv).
         quantizer: a quantizer config (``{"_target_": "vistok.tokenizers.quantizers.FSQ", ...}``, see
             ``build_quantizer``) or a Quantizer module; default FSQ with levels [8, 5, 5, 5].
-            The encoder's output dimension is the quantizer's ``dim``.
+            The encoder's output dimension is the quantizer's ``in_dim`` (its ``dim``, or 2 * dim for
+            DiagonalGaussian's mean and log-variance), the decoder's input dimension its ``dim``.
         num_tokens: K for titok (default from the preset). For conv K is fixed by the grid,
             (image_size / downsample)^2; a value given must equal it.
         patch_size: titok patch side (default from the preset); for conv it must be None or the
@@ -273,7 +274,7 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
             encoder, decoder = titok_original.build(image_size, patch_size, num_tokens, quantizer_module, settings)
         else:
             encoder = TiTokEncoder(image_size, patch_size, num_tokens, settings["width"], settings["depth"],
-                                   settings["heads"], settings["mlp_ratio"], out_dim=dim)
+                                   settings["heads"], settings["mlp_ratio"], out_dim=quantizer_module.in_dim)
             decoder = TiTokDecoder(image_size, patch_size, num_tokens, settings["decoder_width"],
                                    settings["decoder_depth"], settings["decoder_heads"], settings["mlp_ratio"], in_dim=dim)
     else:
@@ -301,7 +302,7 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
             encoder, decoder = NAMED_ARCHS[arch].build(image_size, dim, settings)
         else:
             encoder = ConvEncoder(settings["channels"], settings["channel_mult"], settings["num_res_blocks"],
-                                  settings["mid_attention"], out_dim=dim, dropout=settings["dropout"])
+                                  settings["mid_attention"], out_dim=quantizer_module.in_dim, dropout=settings["dropout"])
             decoder = ConvDecoder(image_size, settings["channels"], settings["channel_mult"], settings["num_res_blocks"],
                                   settings["mid_attention"], in_dim=dim, dropout=settings["dropout"])
 
