@@ -180,3 +180,61 @@ def test_refusals_name_the_problem(tmp_path, capsys):
     # a bare state dict needs its config
     assert vistok_cli.main(["import", "titok", str(tmp_path / "extra.safetensors"), str(tmp_path / "o4")]) == 2
     assert "--config" in capsys.readouterr().err
+
+
+def original_name(key: str) -> str:
+    """vistok's key of an imported TiTok -> the original's (the converter's rules run backwards)."""
+    import re
+
+    for pattern, replacement in [
+        (r"encoder\.latent_tokens", "latent_tokens"),
+        (r"(encoder|decoder)\.pos_embed", r"\1.positional_embedding"),
+        (r"(encoder|decoder)\.latent_pos_embed", r"\1.latent_token_positional_embedding"),
+        (r"encoder\.patch_embed\.proj\.(.+)", r"encoder.patch_embed.\1"),
+        (r"(encoder|decoder)\.blocks\.(\d+)\.norm([12])\.(.+)", r"\1.transformer.\2.ln_\3.\4"),
+        (r"(encoder|decoder)\.blocks\.(\d+)\.attn\.qkv\.(.+)", r"\1.transformer.\2.attn.in_proj_\3"),
+        (r"(encoder|decoder)\.blocks\.(\d+)\.attn\.proj\.(.+)", r"\1.transformer.\2.attn.out_proj.\3"),
+        (r"(encoder|decoder)\.blocks\.(\d+)\.mlp\.fc1\.(.+)", r"\1.transformer.\2.mlp.c_fc.\3"),
+        (r"(encoder|decoder)\.blocks\.(\d+)\.mlp\.fc2\.(.+)", r"\1.transformer.\2.mlp.c_proj.\3"),
+        (r"encoder\.proj\.(.+)", r"encoder.conv_out.\1"),
+        (r"decoder\.proj_in\.(.+)", r"decoder.decoder_embed.\1"),
+        (r"decoder\.head\.(\d)\.(.+)", r"decoder.ffn.\1.\2"),
+        (r"quantizer\.codebook", "quantize.embedding.weight"),
+        (r"decoder\.pixel_quantizer\.codebook", "pixel_quantize.embedding.weight"),
+        (r"decoder\.pixel_decoder\.(.+)", r"pixel_decoder.\1"),
+    ]:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return key
+
+
+def test_other_sizes_convert_from_shapes_and_config(tmp_path):
+    """A two-stage TiTok of sizes no fixture has (width 32, 3 and 1 layers, 2 heads, patch 8, 12 tokens,
+    a 3-level MaskGIT decoder) written under the original key names imports to the same model."""
+    torch.manual_seed(1)
+    model = vistok.build_tokenizer(
+        "titok_original", image_size=32, patch_size=8, num_tokens=12, width=32, depth=3, heads=2, decoder_depth=1,
+        quantizer={"_target_": "vistok.tokenizers.quantizers.VectorQuantizer", "dim": 6, "codebook_size": 50,
+                   "use_cosine": True},
+        legacy_reshape=True, pixel_decoder={"arch": "maskgit_vqgan", "codebook_size": 40, "dim": 32, "channels": 32,
+                                            "channel_mult": [1, 2, 2], "num_res_blocks": 1}).eval()
+    state = {}
+    for key, value in model.state_dict().items():
+        name = original_name(key)
+        # the original's 1x1 convs hold (out, in, 1, 1) weights where vistok has linear layers
+        conv = name in ("encoder.conv_out.weight", "decoder.ffn.0.weight", "decoder.ffn.2.weight")
+        state[name] = (value[:, :, None, None] if conv else value).clone()
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    save_file(state, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model": {"vq_model": {
+        "codebook_size": 50, "token_size": 6, "use_l2_norm": True, "vit_enc_model_size": "mini",
+        "vit_dec_model_size": "mini", "num_latent_tokens": 12, "finetune_decoder": True}},
+        "dataset": {"preprocessing": {"crop_size": 32}}}))
+    tok = import_tokenizer("titok", folder, heads=2).tokenizer
+    assert tok.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(tok.state_dict()[key], value), key
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(tok.encode(images), model.encode(images))
