@@ -209,7 +209,7 @@ def test_other_sizes_convert(tmp_path, fmt):
         torch.save({"ema": as_llamagen_state(original.state_dict())}, tmp_path / "vq.pt")
         imported = import_tokenizer(fmt, tmp_path / "vq.pt", image_size=32).tokenizer
     else:
-        original = build_tokenizer(arch="open_magvit2", image_size=32, channels=32, channel_mult=[1, 2, 2], num_res_blocks=3,
+        original = build_tokenizer(arch="open_magvit2", image_size=32, channels=32, channel_mult=[1, 2], num_res_blocks=3,
                                    quantizer={"_target_": "vistok.tokenizers.quantizers.LFQ", "dim": 10})
         torch.save({"state_dict": as_open_magvit2_state(original.state_dict())}, tmp_path / "m.ckpt")
         imported = import_tokenizer(fmt, tmp_path / "m.ckpt", image_size=32).tokenizer
