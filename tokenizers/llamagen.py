@@ -92,20 +92,18 @@ class LlamaGenEncoder(nn.Module):
         self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
         widths = [channels * m for m in channel_mult]
         last = len(widths) - 1
-        self.conv_blocks = nn.ModuleList(
+        self.conv_blocks = nn.Sequential(*(
             Level(([channels] + widths)[i], width, num_res_blocks, attention=i == last,
                   resample=PaddedDownsample(width) if i < last else None, dropout=dropout)
-            for i, width in enumerate(widths))
+            for i, width in enumerate(widths)))
         self.mid = mid_block(widths[-1], dropout)
         self.norm_out = group_norm(widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], z_channels, 3, padding=1)
         self.quant_conv = nn.Conv2d(z_channels, out_dim, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(images)
-        for level in self.conv_blocks:
-            x = level(x)
-        x = self.conv_out(F.silu(self.norm_out(self.mid(x))))
+        x = self.mid(self.conv_blocks(self.conv_in(images)))
+        x = self.conv_out(F.silu(self.norm_out(x)))
         return self.quant_conv(x).flatten(2).transpose(1, 2)
 
 
@@ -127,10 +125,10 @@ class LlamaGenDecoder(nn.Module):
         self.conv_in = nn.Conv2d(z_channels, widths[0], 3, padding=1)
         self.mid = mid_block(widths[0], dropout)
         last = len(widths) - 1
-        self.conv_blocks = nn.ModuleList(
+        self.conv_blocks = nn.Sequential(*(
             Level(widths[max(k - 1, 0)], width, num_res_blocks + 1, attention=k == 0,
                   resample=Upsample(width) if k < last else None, dropout=dropout)
-            for k, width in enumerate(widths))
+            for k, width in enumerate(widths)))
         self.norm_out = group_norm(widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], 3, 3, padding=1)
 
@@ -141,9 +139,7 @@ class LlamaGenDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = self.mid(self.conv_in(self.post_quant_conv(full_grid(tokens, lengths, self.grid))))
-        for level in self.conv_blocks:
-            x = level(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(F.silu(self.norm_out(self.conv_blocks(x))))
 
 
 def build(image_size: int, dim: int, settings: dict[str, Any]) -> tuple[nn.Module, nn.Module]:

@@ -44,9 +44,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 OVERRIDES = ("channels", "channel_mult", "num_res_blocks")
 
 
-def res_blocks(in_channels: int, out_channels: int, count: int) -> nn.ModuleList:
-    return nn.ModuleList(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, bias=False)
-                         for i in range(count))
+def res_blocks(in_channels: int, out_channels: int, count: int) -> nn.Sequential:
+    return nn.Sequential(*(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, bias=False)
+                           for i in range(count)))
 
 
 class AdaptiveGroupNorm(nn.Module):
@@ -85,9 +85,7 @@ class Level(nn.Module):
         self.resample = resample if resample is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            x = block(x)
-        return self.resample(x)
+        return self.resample(self.block(x))
 
 
 class MagvitEncoder(nn.Module):
@@ -104,17 +102,15 @@ class MagvitEncoder(nn.Module):
         super().__init__()
         widths = [channels * m for m in channel_mult]
         self.conv_in = nn.Conv2d(3, channels, 3, padding=1, bias=False)
-        self.down = nn.ModuleList(
+        self.down = nn.Sequential(*(
             Level(([channels] + widths)[i], width, num_res_blocks, Downsample(width) if i < len(widths) - 1 else None)
-            for i, width in enumerate(widths))
+            for i, width in enumerate(widths)))
         self.mid_block = res_blocks(widths[-1], widths[-1], num_res_blocks)
         self.norm_out = group_norm(widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], out_dim, 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(images)
-        for level in [*self.down, *self.mid_block]:
-            x = level(x)
+        x = self.mid_block(self.down(self.conv_in(images)))
         return self.conv_out(F.silu(self.norm_out(x))).flatten(2).transpose(1, 2)
 
 
@@ -148,9 +144,7 @@ class MagvitDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         z = full_grid(tokens, lengths, self.grid)
-        x = self.conv_in(z)
-        for block in self.mid_block:
-            x = block(x)
+        x = self.mid_block(self.conv_in(z))
         for i in reversed(range(len(self.up))):
             x = self.up[i](self.adaptive[i](x, z))
         return self.conv_out(F.silu(self.norm_out(x)))
