@@ -107,3 +107,28 @@ def test_stage_one_refuses_what_cannot_work(teacher):
     with pytest.raises(VistokError, match=r"\(image_size / patch_size\)\^2 = 16"):
         TokenizerModule({"arch": "titok_original", "image_size": 32, "patch_size": 16}, teacher=str(teacher),
                         loss={"proxy_weight": 1.0, "l1_weight": 0.0})
+
+
+def test_an_imported_llamagen_vq_is_a_teacher(tmp_path):
+    """The teacher can be another project's released 2D VQ model (here the LlamaGen VQ-16 reference fixture)."""
+    from safetensors.torch import load_file
+
+    from vistok.tokenizers.imports import import_tokenizer
+    from vistok.tokenizers.imports.common import write_import
+
+    weights = load_file(Path(__file__).parent / "fixtures" / "reference" / "llamagen_vq16_tiny.state_dict.safetensors")
+    torch.save({"model": weights}, tmp_path / "vq_ds16.pt")
+    write_import(import_tokenizer("llamagen", tmp_path / "vq_ds16.pt"), tmp_path / "vq_ds16.pt", tmp_path / "teacher")
+    teacher = two_stage.load_teacher(tmp_path / "teacher")
+    grid = int(teacher.max_tokens ** 0.5)
+    tokenizer = build_tokenizer(**two_stage.with_teacher({
+        "arch": "titok_original", "image_size": teacher.image_size, "patch_size": teacher.image_size // grid,
+        "num_tokens": 8, "width": 32, "depth": 1, "heads": 2,
+        "quantizer": {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [5, 5, 5]}}, teacher))
+    two_stage.copy_teacher(tokenizer, teacher)
+    torch.manual_seed(0)
+    images = torch.rand(1, 3, teacher.image_size, teacher.image_size)
+    out = two_stage.proxy_forward(tokenizer, teacher, images)
+    assert abs(out.loss.item() - math.log(teacher.codebook_size)) < 1.0  # untrained: about chance
+    with torch.no_grad():
+        assert tokenizer.eval().decode(tokenizer.encode(images)).shape == images.shape
