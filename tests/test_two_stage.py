@@ -83,7 +83,6 @@ def test_both_stages_end_to_end(teacher, tmp_path):
         assert torch.equal(value, teacher_weights[key]), key
 
     stage2 = run_training(make_cfg("experiment=titok_two_stage_decoder", f"init_from={stage1.last_checkpoint}",
-                                   "model.image_size=32",  # data.image_size follows the model group
                                    *small_run(data_dir, 2), "loss.adversarial.start=1",
                                    "loss.adversarial.num_layers=1"), tmp_path / "stage2")
     assert stage2.step == 2 and math.isfinite(stage2.metrics["val/psnr"])
