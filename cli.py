@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("vistok.tokenizers.cli", "encode images into token indices (or soft codes) in an .npz file"),
     "decode": ("vistok.tokenizers.cli", "decode an .npz of tokens (any prefix) into PNG images"),
     "info": ("vistok.tokenizers.cli", "print a tokenizer's configuration and recorded metrics"),
+    "import": ("vistok.tokenizers.imports.cli", "convert a released tokenizer (TiTok, LlamaGen, Open-MAGVIT2) into a vistok export"),
     "score": ("vistok.eval.cli", "score a tokenizer (rFID, PSNR, SSIM, LPIPS, rate-distortion) or two image folders"),
 }
 

@@ -45,10 +45,12 @@ def halving_token_counts(max_tokens: int) -> list[int]:
     return sorted({max(1, max_tokens // d) for d in (8, 4, 2, 1)})
 
 
-def parse_token_counts(value: str | Sequence[int] | None, max_tokens: int) -> list[int]:
-    """Token counts from "8,16,32" (or a sequence), checked against 1..max_tokens; None -> the powers of two."""
+def parse_token_counts(value: str | Sequence[int] | None, max_tokens: int, prefixes: bool = True) -> list[int]:
+    """Token counts from "8,16,32" (or a sequence), checked against 1..max_tokens; None -> the powers
+    of two, or only ``max_tokens`` for a tokenizer that decodes no prefixes (``prefixes=False``, a 2D
+    grid decoder without a mask token, whose ``decode`` refuses fewer tokens)."""
     if value is None:
-        return power_of_two_token_counts(max_tokens)
+        return power_of_two_token_counts(max_tokens) if prefixes else [max_tokens]
     items = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
     counts = []
     for item in items:
@@ -195,7 +197,7 @@ def rate_distortion(tokenizer: Any, batches: Iterable[Tensor], token_counts: Seq
     and, for discrete tokens, codebook usage and perplexity.
     """
     device = torch.device(device)
-    counts = parse_token_counts(token_counts, tokenizer.max_tokens)
+    counts = parse_token_counts(token_counts, tokenizer.max_tokens, getattr(tokenizer, "decodes_prefixes", True))
     for codec in codecs:
         if codec not in BASELINES:
             raise VistokError(f"unknown codec {codec!r}; choose from {', '.join(BASELINES)}.")

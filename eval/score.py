@@ -128,7 +128,7 @@ def score_tokenizer(tokenizer: Any | str | os.PathLike, data: str, token_counts:
         from vistok.tokenizers.export import load
 
         tokenizer = load(tokenizer)
-    counts = parse_token_counts(token_counts, tokenizer.max_tokens)
+    counts = parse_token_counts(token_counts, tokenizer.max_tokens, getattr(tokenizer, "decodes_prefixes", True))
 
     images = sized_images(data, tokenizer.image_size, limit, resize)
     first = next(images, None)  # bad data (missing, empty, wrong size) fails before the networks load

@@ -37,7 +37,9 @@ def options(group: str) -> list[str]:
 EXPERIMENTS, MODELS, QUANTIZERS = options("experiment"), options("model"), options("quantizer")
 # The recipes' validation.token_counts reach 256; a model with fewer tokens cannot report them.
 INCOMPATIBLE = {(experiment, model) for experiment in ("flex_fsq", "tail_drop_vq")
-                for model in ("conv", "titok", "titok_b64", "titok_demo")}
+                for model in ("conv", "titok", "titok_b64", "titok_demo", "titok_original_b64")}
+# Stage 1 of two-stage TiTok learns a teacher's codes: without teacher=PATH it stops in one sentence.
+NEEDS_TEACHER = {"titok_two_stage"}
 # No VGG16 weights here, and timm's EMA copy cannot live on the meta device; neither touches the
 # model, the quantizer or the validation token counts that these tests check.
 META_SAFE = ["loss.perceptual.weight=0", "ema.enabled=false"]
@@ -69,6 +71,10 @@ def option(group: str, name: str) -> dict:
 def test_every_experiment_takes_every_quantizer(experiment, quantizer):
     cfg = make_cfg(f"experiment={experiment}", f"quantizer={quantizer}", *META_SAFE)
     assert OmegaConf.to_container(cfg.quantizer) == option("quantizer", quantizer)  # nothing inherited
+    if experiment in NEEDS_TEACHER:
+        with pytest.raises(VistokError, match="pass teacher=PATH"):
+            build_on_meta(cfg)
+        return
     module = build_on_meta(cfg)
     assert module.tokenizer.config["quantizer"]["_target_"] == option("quantizer", quantizer)["_target_"]
     assert module.val_token_counts[-1] <= module.tokenizer.max_tokens
@@ -81,6 +87,10 @@ def test_every_experiment_takes_every_model_or_names_the_conflict(experiment, mo
     # the whole model option, plus the recipe's tail-token dropout (which every model takes)
     composed = OmegaConf.to_container(cfg.model)
     assert {**composed, "token_dropout": None} == {**option("model", model), "token_dropout": None}
+    if experiment in NEEDS_TEACHER:
+        with pytest.raises(VistokError, match="pass teacher=PATH"):
+            build_on_meta(cfg)
+        return
     if (experiment, model) not in INCOMPATIBLE:
         module = build_on_meta(cfg)
         assert module.tokenizer.config["arch"] == option("model", model)["arch"]
@@ -121,6 +131,15 @@ RECIPES = {
                       "token_dropout": {"p": 1.0, "min_tokens": 1, "distribution": "uniform"}},
                      {"_target_": "vistok.tokenizers.quantizers.VectorQuantizer", "dim": 12, "codebook_size": 4096,
                       "use_cosine": True, "commitment_weight": 0.25, "ema": False, "dead_code_steps": 0}),
+    "titok_two_stage": ({"arch": "titok_original", "preset": "base", "image_size": 256, "patch_size": 16,
+                         "num_tokens": 64, "legacy_reshape": False, "pixel_decoder": None, "token_dropout": None},
+                        {"_target_": "vistok.tokenizers.quantizers.VectorQuantizer", "dim": 12, "codebook_size": 4096,
+                         "use_cosine": True, "commitment_weight": 0.25, "ema": False, "dead_code_steps": 0}),
+    "titok_two_stage_decoder": ({"arch": "titok_original", "preset": "base", "image_size": 256, "patch_size": 16,
+                                 "num_tokens": 64, "pixel_decoder": None, "token_dropout": None},
+                                {"_target_": "vistok.tokenizers.quantizers.VectorQuantizer", "dim": 12,
+                                 "codebook_size": 4096, "use_cosine": True, "commitment_weight": 0.25, "ema": False,
+                                 "dead_code_steps": 0}),
     "vqgan_f16": ({"arch": "conv", "preset": "f16", "image_size": 256, "token_dropout": None},
                   {"_target_": "vistok.tokenizers.quantizers.VectorQuantizer", "dim": 256, "codebook_size": 1024,
                    "use_cosine": False, "commitment_weight": 0.25, "ema": False, "dead_code_steps": 0}),

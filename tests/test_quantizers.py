@@ -511,3 +511,23 @@ def test_fsq_stats_survive_nan_latents():
     out = fsq(torch.full((2, 4, 4), float("nan")))
     assert torch.isnan(out.quantized).all()
     assert 0.0 <= float(out.stats["usage"]) <= 1.0
+
+
+def test_diagonal_gaussian_samples_in_training_and_returns_the_mean_in_eval():
+    """TiTok's VAE variant: 2*D channels in (mean, log-variance), D out; KL to N(0, 1) as the loss."""
+    from vistok.tokenizers.quantizers import DiagonalGaussian, build_quantizer
+
+    torch.manual_seed(0)
+    quantizer = DiagonalGaussian(dim=4, kl_weight=0.5)
+    assert quantizer.in_dim == 8 and quantizer.codebook_size is None
+    mean, logvar = torch.randn(2, 3, 4), torch.full((2, 3, 4), -100.0)  # clamped to -30: std ~ 3e-7
+    latents = torch.cat([mean, logvar], dim=-1)
+    out = quantizer.eval()(latents)
+    assert torch.equal(out.quantized, mean) and out.indices is None
+    sampled = quantizer.train()(torch.cat([mean, torch.zeros_like(mean)], dim=-1)).quantized  # std 1
+    assert not torch.allclose(sampled, mean) and (sampled - mean).std() > 0.5
+    zero = quantizer(torch.zeros(2, 3, 8))  # N(0, 1) itself: no KL
+    assert zero.loss.abs() < 1e-6
+    expected_kl = 0.5 * (mean.pow(2) + 1 - 1 - 0).sum(-1).mean()
+    assert torch.allclose(quantizer(torch.cat([mean, torch.zeros_like(mean)], -1)).loss, 0.5 * expected_kl)
+    assert build_quantizer(quantizer.get_config()).get_config() == quantizer.get_config()

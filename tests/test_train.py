@@ -33,6 +33,7 @@ SMALL_CODEBOOKS = {
     "vq": ["quantizer.dim=4", "quantizer.codebook_size=32"],
     "lfq": ["quantizer.dim=5"],
     "soft": ["quantizer.dim=4", "quantizer.codebook_size=32"],
+    "gaussian": ["quantizer.dim=4"],
 }
 
 
@@ -128,15 +129,15 @@ def fsq_run(data_dir, tmp_path_factory):
     return run_training(cfg, run_dir)
 
 
-@pytest.mark.parametrize("quantizer", ["vq", "lfq", "soft"])
+@pytest.mark.parametrize("quantizer", ["vq", "lfq", "soft", "gaussian"])
 def test_few_step_fit_for_each_quantizer(quantizer, data_dir, tmp_path):
     cfg = make_cfg(*tiny_overrides(data_dir, steps=3, val_every=3), f"quantizer={quantizer}", *SMALL_CODEBOOKS[quantizer])
     result = run_training(cfg, tmp_path)
     assert result.step == 3
     assert math.isfinite(result.metrics["val/psnr"]) and result.metrics["val/images"] > 0
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    if quantizer == "soft":
-        assert "val/usage" not in result.metrics  # soft tokens have no codebook indices
+    if quantizer in ("soft", "gaussian"):
+        assert "val/usage" not in result.metrics  # continuous tokens have no codebook indices
     else:
         assert 0 < result.metrics["val/usage"] <= 1
 

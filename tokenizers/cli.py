@@ -346,12 +346,16 @@ def _info(args: argparse.Namespace) -> int:
         ("source", f"{loaded.source} ({kind})"),
         ("architecture", f"{config['arch']} / {config['quantizer']}"),
         ("codebook", codebook),
-        ("tokens", f"up to {config['max_tokens']} per image (any prefix decodes), dimension {config['token_dim']}"),
+        ("tokens", f"up to {config['max_tokens']} per image ({'any prefix decodes' if loaded.tokenizer.decodes_prefixes else 'only the full grid decodes'}), dimension {config['token_dim']}"),
         ("image size", f"{config['image_size']}x{config['image_size']}"),
         ("input", config["input"]["images"]),
         ("weights", f"{config['weights']['kind']}, {config['weights']['num_parameters']:,} parameters, fingerprint {loaded.fingerprint}"),
-        ("trained", f"step {training.get('step')} from {training.get('checkpoint')} with vistok {training.get('vistok_version')}"),
     ]
+    source = config.get("source")
+    if isinstance(source, dict):  # `vistok import`: the weights are another project's
+        rows.append(("imported", f"{source.get('format')} file {source.get('file')} of {source.get('repository')} (licence: its authors')"))
+    else:
+        rows.append(("trained", f"step {training.get('step')} from {training.get('checkpoint')} with vistok {training.get('vistok_version')}"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.token_dropout import pad_with_mask_token
 
 
@@ -23,16 +24,19 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv3x3, twice, plus a (1x1-projected) skip connection."""
+    """GroupNorm -> SiLU -> conv3x3, twice, plus a (1x1-projected) skip connection.
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    ``bias=False`` drops the convolutions' biases (Open-MAGVIT2's blocks have none).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
         self.norm1 = group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias)
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1, bias=bias) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -72,6 +76,19 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def full_grid(tokens: torch.Tensor, lengths: torch.Tensor | None, grid: int) -> torch.Tensor:
+    """Tokens (B, grid*grid, D) in raster order -> feature map (B, D, grid, grid).
+
+    For 2D decoders without a mask token (imported architectures): every position must be given,
+    so a prefix (fewer tokens, or ``lengths`` below grid*grid) is refused.
+    """
+    num_tokens = grid * grid
+    if tokens.shape[1] != num_tokens or (lengths is not None and bool((lengths < num_tokens).any())):
+        raise VistokError(f"this 2D decoder has no mask token for missing positions and decodes only the full {grid}x{grid} grid; pass all {num_tokens} tokens.")
+    # contiguous: the convolutions then take the same CPU kernels as on the original's tensors
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, grid, grid).contiguous()
 
 
 def _mid_block(channels: int, attention: bool, dropout: float) -> nn.Sequential:

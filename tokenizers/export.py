@@ -294,10 +294,8 @@ def _clean_metrics(metrics: Any) -> dict[str, Any]:
     return clean
 
 
-def describe(tokenizer, tokenizer_config: dict, weights_kind: str, ckpt: Mapping[str, Any], ckpt_path: Path) -> dict[str, Any]:
-    """The config.json structure for ``tokenizer`` built from a training checkpoint."""
-    record = ckpt.get("vistok") if isinstance(ckpt.get("vistok"), dict) else {}
-    step = record.get("step", ckpt.get("global_step"))
+def describe_tokenizer(tokenizer, tokenizer_config: dict, weights_kind: str) -> dict[str, Any]:
+    """The config.json fields every export has, whatever the weights came from."""
     return {
         "format_version": FORMAT_VERSION,
         "vistok_version": vistok_version(),
@@ -315,6 +313,15 @@ def describe(tokenizer, tokenizer_config: dict, weights_kind: str, ckpt: Mapping
             "kind": weights_kind,
             "num_parameters": int(sum(p.numel() for p in tokenizer.parameters())),
         },
+    }
+
+
+def describe(tokenizer, tokenizer_config: dict, weights_kind: str, ckpt: Mapping[str, Any], ckpt_path: Path) -> dict[str, Any]:
+    """The config.json structure for ``tokenizer`` built from a training checkpoint."""
+    record = ckpt.get("vistok") if isinstance(ckpt.get("vistok"), dict) else {}
+    step = record.get("step", ckpt.get("global_step"))
+    return {
+        **describe_tokenizer(tokenizer, tokenizer_config, weights_kind),
         "training": {
             "checkpoint": ckpt_path.name,
             "step": int(step) if isinstance(step, (int, float)) else None,
@@ -346,7 +353,8 @@ def tokenizer_from_checkpoint(path: Path, use_ema: bool = True, fallback_to_raw:
 # Export
 
 
-def _check_out_dir(out_dir: Path, ckpt_path: Path, force: bool) -> None:
+def check_out_dir(out_dir: Path, ckpt_path: Path, force: bool) -> None:
+    """Refuse a non-directory or (without ``force``) non-empty ``out_dir``, and one holding ``ckpt_path``."""
     if out_dir.exists() and not out_dir.is_dir():
         raise VistokError(f"{out_dir} exists and is not a directory; choose a directory path for the export.")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -396,14 +404,24 @@ def model_card(config: Mapping[str, Any]) -> str:
     codebook = (
         f"{config['codebook_size']:,} codes" if config["codebook_size"] is not None else f"soft tokens of dimension {config['token_dim']}"
     )
-    training = config.get("training", {})
+    training = config.get("training") or {}
     step = training.get("step")
+    weights = f"{'EMA' if config['weights']['kind'] == 'ema' else 'raw (non-EMA)'} weights"
+    source = config.get("source")
+    if isinstance(source, Mapping):
+        origin = (
+            f"Imported with vistok {config['vistok_version']} (format version {config['format_version']}) from the "
+            f"{source.get('format')} file `{source.get('file')}` of {source.get('repository')}, {weights}."
+        )
+    else:
+        origin = (
+            f"Exported with vistok {config['vistok_version']} (format version {config['format_version']}) from "
+            f"`{training.get('checkpoint', '?')}`" + (f" at step {step}" if step is not None else "") + f", {weights}."
+        )
     lines = [
         f"# vistok tokenizer: {config['arch']} / {config['quantizer']}",
         "",
-        f"Exported with vistok {config['vistok_version']} (format version {config['format_version']}) from "
-        f"`{training.get('checkpoint', '?')}`" + (f" at step {step}" if step is not None else "")
-        + f", {'EMA' if config['weights']['kind'] == 'ema' else 'raw (non-EMA)'} weights.",
+        origin,
         "",
         "| | |",
         "|---|---|",
@@ -418,10 +436,23 @@ def model_card(config: Mapping[str, Any]) -> str:
         "## Validation metrics recorded in the checkpoint",
         "",
     ]
+    if isinstance(source, Mapping):
+        lines[-2:-2] = [
+            "## Source and licence",
+            "",
+            f"These weights were trained and released by the authors of {source.get('repository')} and converted "
+            "to vistok's layout without retraining. Their licence is their authors', not vistok's: read it at the "
+            "repository and the page you downloaded them from before you use or share them.",
+            "",
+            *[f"- {note}" for note in source.get("notes", [])],
+            *([""] if source.get("notes") else []),
+        ]
     metrics = config.get("metrics") or {}
     if metrics:
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {name} | {value:.6g} |" if isinstance(value, float) else f"| {name} | {value} |" for name, value in sorted(metrics.items())]
+    elif isinstance(source, Mapping):
+        lines.append("None: the weights were imported; measure them with `vistok score`.")
     else:
         lines.append("The checkpoint recorded no validation metrics.")
     lines += [
@@ -455,12 +486,22 @@ def export_checkpoint(
     half-written. A non-empty ``out_dir`` is refused unless ``force``. Returns ``out_dir``.
     """
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
-    _check_out_dir(out_dir, ckpt_path, force)
+    check_out_dir(out_dir, ckpt_path, force)
     model, config = tokenizer_from_checkpoint(ckpt_path, use_ema=use_ema)
+    return write_export(model, config, out_dir)
+
+
+def write_export(model: torch.nn.Module, config: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Write ``model`` as OUT_DIR/{model.safetensors, config.json, README.md}, atomically.
+
+    ``config`` is config.json's structure (:func:`describe` or :func:`describe_tokenizer` plus
+    extra fields); the weights' SHA-256 is added to it. The files are written into a temporary
+    directory next to ``out_dir`` and renamed into place, so ``out_dir`` is never half-written.
+    """
+    out_dir = Path(out_dir)
     # Cloning gives every tensor its own storage: safetensors refuses shared (tied) storage, and
     # load_state_dict fills tied parameters from the duplicates with the same values.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:

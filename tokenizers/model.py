@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vistok.tokenizers import llamagen, magvit2, titok_original
 from vistok.tokenizers.conv import ConvDecoder, ConvEncoder
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.quantizers import Quantizer, QuantizerOutput, build_quantizer
@@ -43,6 +44,19 @@ OVERRIDES = {
     "titok": ("width", "depth", "heads", "mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads"),
     "conv": ("channels", "channel_mult", "num_res_blocks", "mid_attention", "dropout"),
 }
+
+# Published 2D tokenizers (``vistok import``): modules with PRESETS, OVERRIDES and
+# build(image_size, dim, settings) -> (encoder, decoder). Their decoders have
+# no mask token, so they decode the full grid only (no token dropout, no prefixes).
+NAMED_ARCHS = {"llamagen": llamagen, "open_magvit2": magvit2}
+for _name, _module in NAMED_ARCHS.items():
+    PRESETS[_name] = _module.PRESETS
+    OVERRIDES[_name] = _module.OVERRIDES
+
+# TiTok in its authors' layout (``vistok import titok``, two-stage training): the "titok" settings
+# plus legacy_reshape and pixel_decoder; see vistok.tokenizers.titok_original.
+PRESETS["titok_original"] = titok_original.PRESETS
+OVERRIDES["titok_original"] = titok_original.OVERRIDES
 
 DEFAULT_QUANTIZER = {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [8, 5, 5, 5]}
 
@@ -186,6 +200,13 @@ class ImageTokenizer(nn.Module):
     def _check_prefix(self, k: int) -> None:
         if not 1 <= k <= self.max_tokens:
             raise VistokError(f"asked for {k} tokens, but this tokenizer uses 1 to {self.max_tokens} tokens per image; choose a number of tokens in that range.")
+        if k < self.max_tokens and not self.decodes_prefixes:
+            raise VistokError(f"asked for {k} tokens, but this {self.arch} tokenizer's 2D decoder has no mask token and decodes only its full grid of {self.max_tokens} tokens; use all {self.max_tokens}.")
+
+    @property
+    def decodes_prefixes(self) -> bool:
+        """Whether any prefix of 1..K tokens decodes (False for grid decoders without a mask token)."""
+        return getattr(self.decoder, "decodes_prefixes", True)
 
     def _check_lengths(self, lengths: torch.Tensor, batch_size: int) -> torch.Tensor:
         if lengths.shape != (batch_size,) or lengths.is_floating_point():
@@ -202,19 +223,22 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
     """Build an :class:`ImageTokenizer` from a preset plus overrides.
 
     Args:
-        arch: ``"titok"`` (1D transformer) or ``"conv"`` (2D VQGAN-style).
+        arch: ``"titok"`` (1D transformer), ``"titok_original"`` (TiTok in its authors' layout), ``"conv"`` (2D VQGAN-style), or a published 2D
+            architecture of ``NAMED_ARCHS`` (``"llamagen"``, ``"open_magvit2"``).
         preset: a key of ``PRESETS[arch]``.
         image_size: H = W in pixels; a multiple of the patch size (titok) or downsampling factor (conv).
         quantizer: a quantizer config (``{"_target_": "vistok.tokenizers.quantizers.FSQ", ...}``, see
             ``build_quantizer``) or a Quantizer module; default FSQ with levels [8, 5, 5, 5].
-            The encoder's output dimension is the quantizer's ``dim``.
+            The encoder's output dimension is the quantizer's ``in_dim`` (its ``dim``, or 2 * dim for
+            DiagonalGaussian's mean and log-variance), the decoder's input dimension its ``dim``.
         num_tokens: K for titok (default from the preset). For conv K is fixed by the grid,
             (image_size / downsample)^2; a value given must equal it.
         patch_size: titok patch side (default from the preset); for conv it must be None or the
             downsampling factor.
         token_dropout: None (no tail-token dropout) or ``TailTokenDropout`` kwargs.
         **overrides: titok: width, depth, heads, mlp_ratio, decoder_width, decoder_depth,
-            decoder_heads; conv: channels, channel_mult, num_res_blocks, mid_attention, dropout.
+            decoder_heads; conv: channels, channel_mult, num_res_blocks, mid_attention, dropout;
+            named architectures: their module's OVERRIDES.
     """
     if arch not in PRESETS:
         raise VistokError(f"unknown arch {arch!r}; use one of {', '.join(PRESETS)}.")
@@ -230,7 +254,7 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
     dim = quantizer_module.dim
     settings = {**copy.deepcopy(PRESETS[arch][preset]), **{k: v for k, v in overrides.items() if v is not None}}
 
-    if arch == "titok":
+    if arch in ("titok", "titok_original"):
         preset_patch_size, preset_num_tokens = settings.pop("patch_size"), settings.pop("num_tokens")
         patch_size = preset_patch_size if patch_size is None else patch_size
         num_tokens = preset_num_tokens if num_tokens is None else num_tokens
@@ -246,32 +270,41 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
             if settings[f"{prefix}width"] % settings[f"{prefix}heads"]:
                 raise VistokError(f"{prefix}width {settings[f'{prefix}width']} is not divisible by {prefix}heads {settings[f'{prefix}heads']}; choose heads that divide the width.")
         settings["mlp_ratio"] = float(settings["mlp_ratio"])
-        encoder = TiTokEncoder(image_size, patch_size, num_tokens, settings["width"], settings["depth"],
-                               settings["heads"], settings["mlp_ratio"], out_dim=dim)
-        decoder = TiTokDecoder(image_size, patch_size, num_tokens, settings["decoder_width"],
-                               settings["decoder_depth"], settings["decoder_heads"], settings["mlp_ratio"], in_dim=dim)
+        if arch == "titok_original":
+            encoder, decoder = titok_original.build(image_size, patch_size, num_tokens, quantizer_module, settings)
+        else:
+            encoder = TiTokEncoder(image_size, patch_size, num_tokens, settings["width"], settings["depth"],
+                                   settings["heads"], settings["mlp_ratio"], out_dim=quantizer_module.in_dim)
+            decoder = TiTokDecoder(image_size, patch_size, num_tokens, settings["decoder_width"],
+                                   settings["decoder_depth"], settings["decoder_heads"], settings["mlp_ratio"], in_dim=dim)
     else:
         settings["channel_mult"] = [int(m) for m in settings["channel_mult"]]
         _check_int("channels", settings["channels"], minimum=1)
         _check_int("num_res_blocks", settings["num_res_blocks"], minimum=1)
         if not settings["channel_mult"] or min(settings["channel_mult"]) < 1:
             raise VistokError(f"channel_mult must be a non-empty list of positive integers, got {settings['channel_mult']}.")
-        settings["mid_attention"] = bool(settings["mid_attention"])
-        settings["dropout"] = float(settings.get("dropout", 0.0))
+        if arch == "conv":
+            settings["mid_attention"] = bool(settings["mid_attention"])
+            settings["dropout"] = float(settings.get("dropout", 0.0))
+        elif token_dropout is not None:
+            raise VistokError(f"the {arch} decoder has no mask token and decodes only its full grid of tokens; set token_dropout to null.")
         factor = 2 ** (len(settings["channel_mult"]) - 1)
         if patch_size is not None and patch_size != factor:
-            raise VistokError(f"patch_size {patch_size} does not apply to the conv tokenizer, whose downsampling factor {factor} comes from channel_mult; leave patch_size unset.")
+            raise VistokError(f"patch_size {patch_size} does not apply to the {arch} tokenizer, whose downsampling factor {factor} comes from channel_mult; leave patch_size unset.")
         patch_size = factor
         if image_size % factor:
-            raise VistokError(f"image_size {image_size} is not a multiple of the conv downsampling factor {factor} (from channel_mult {settings['channel_mult']}); choose an image_size divisible by {factor}.")
+            raise VistokError(f"image_size {image_size} is not a multiple of the {arch} downsampling factor {factor} (from channel_mult {settings['channel_mult']}); choose an image_size divisible by {factor}.")
         grid_tokens = (image_size // factor) ** 2
         if num_tokens is not None and num_tokens != grid_tokens:
-            raise VistokError(f"num_tokens {num_tokens} does not match the conv tokenizer's {grid_tokens} tokens ((image_size / {factor})^2); leave num_tokens unset.")
+            raise VistokError(f"num_tokens {num_tokens} does not match the {arch} tokenizer's {grid_tokens} tokens ((image_size / {factor})^2); leave num_tokens unset.")
         num_tokens = grid_tokens
-        encoder = ConvEncoder(settings["channels"], settings["channel_mult"], settings["num_res_blocks"],
-                              settings["mid_attention"], out_dim=dim, dropout=settings["dropout"])
-        decoder = ConvDecoder(image_size, settings["channels"], settings["channel_mult"], settings["num_res_blocks"],
-                              settings["mid_attention"], in_dim=dim, dropout=settings["dropout"])
+        if arch in NAMED_ARCHS:
+            encoder, decoder = NAMED_ARCHS[arch].build(image_size, dim, settings)
+        else:
+            encoder = ConvEncoder(settings["channels"], settings["channel_mult"], settings["num_res_blocks"],
+                                  settings["mid_attention"], out_dim=quantizer_module.in_dim, dropout=settings["dropout"])
+            decoder = ConvDecoder(image_size, settings["channels"], settings["channel_mult"], settings["num_res_blocks"],
+                                  settings["mid_attention"], in_dim=dim, dropout=settings["dropout"])
 
     dropout_module = None
     if token_dropout is not None:

@@ -5,6 +5,7 @@
 - FSQ: round each bounded channel to a few levels; codebook_size = prod(levels).
 - LFQ: sign of each channel (MAGVIT-v2); codebook_size = 2**dim.
 - SoftVQ: softmax-weighted mix of codewords; codebook_size = None (continuous tokens).
+- DiagonalGaussian: VAE posterior sample (mean in eval) from 2*D channels; codebook_size = None.
 
 ``build_quantizer({"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [8, 5, 5, 5]})`` builds one
 from a plain config (Hydra style). Only the classes above are accepted as targets: a config never
@@ -19,11 +20,13 @@ from vistok.tokenizers.containers import plain
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.quantizers.base import Quantizer, QuantizerOutput, code_stats, counts_stats
 from vistok.tokenizers.quantizers.fsq import FSQ
+from vistok.tokenizers.quantizers.gaussian import DiagonalGaussian
 from vistok.tokenizers.quantizers.lfq import LFQ
 from vistok.tokenizers.quantizers.soft import SoftVQ
 from vistok.tokenizers.quantizers.vq import VectorQuantizer
 
 __all__ = [
+    "DiagonalGaussian",
     "FSQ",
     "LFQ",
     "QUANTIZERS",
@@ -41,9 +44,10 @@ QUANTIZERS: dict[str, type[Quantizer]] = {
     "FSQ": FSQ,
     "LFQ": LFQ,
     "SoftVQ": SoftVQ,
+    "DiagonalGaussian": DiagonalGaussian,
 }
 
-_MODULE_OF = {"VectorQuantizer": "vq", "FSQ": "fsq", "LFQ": "lfq", "SoftVQ": "soft"}
+_MODULE_OF = {"VectorQuantizer": "vq", "FSQ": "fsq", "LFQ": "lfq", "SoftVQ": "soft", "DiagonalGaussian": "gaussian"}
 
 # The public path and the defining module's path are both accepted (Hydra users write either), and
 # so are the paths of vistok 0.1, whose package was imported as `tokenizers`: its checkpoints and

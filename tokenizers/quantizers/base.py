@@ -83,9 +83,15 @@ class Quantizer(nn.Module):
     dim: int
     codebook_size: int | None
 
+    @property
+    def in_dim(self) -> int:
+        """Width of the latents it takes (the encoder's output); ``dim`` except where a quantizer
+        reads more per token than it emits (DiagonalGaussian: mean and log-variance)."""
+        return self.dim
+
     def forward(self, latents: torch.Tensor) -> QuantizerOutput:
-        if latents.ndim != 3 or latents.shape[-1] != self.dim:
-            raise ValueError(f"{type(self).__name__} expects latents of shape (B, N, {self.dim}), got {tuple(latents.shape)}")
+        if latents.ndim != 3 or latents.shape[-1] != self.in_dim:
+            raise ValueError(f"{type(self).__name__} expects latents of shape (B, N, {self.in_dim}), got {tuple(latents.shape)}")
         with torch.autocast(device_type=latents.device.type, enabled=False):
             out = self.quantize(latents.float())
         out.quantized = out.quantized.to(latents.dtype)

@@ -40,6 +40,7 @@ from vistok.eval.rate_distortion import halving_token_counts
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.export import TOKENIZER_PREFIX, add_prefix, strip_prefix, vistok_version
 from vistok.tokenizers.model import ImageTokenizer, build_tokenizer
+from vistok.tokenizers.training import two_stage
 from vistok.tokenizers.training.losses import (
     LeCAM,
     PatchDiscriminator,
@@ -91,13 +92,16 @@ class TokenizerModule(pl.LightningModule):
             out take their defaults from there, unknown keys are an error
             (:mod:`vistok.tokenizers.training.settings`).
         compile: ``torch.compile`` the tokenizer's training forward.
+        teacher: path of a 2D VQ tokenizer for two-stage TiTok (:mod:`~vistok.tokenizers.training.two_stage`):
+            its codebook and decoder become the model's pixel decoder, its codes stage 1's targets.
 
     Batches are ``{"image": (B, 3, H, W) float in [0, 1]}``.
     """
 
     def __init__(self, tokenizer: Mapping[str, Any], loss: Mapping[str, Any] | None = None,
                  optim: Mapping[str, Any] | None = None, ema: Mapping[str, Any] | None = None,
-                 validation: Mapping[str, Any] | None = None, compile: bool = False) -> None:
+                 validation: Mapping[str, Any] | None = None, compile: bool = False,
+                 teacher: str | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.loss_settings: LossSettings = parse_settings(LossSettings, loss, "loss")
@@ -105,7 +109,15 @@ class TokenizerModule(pl.LightningModule):
         self.ema_settings: EMASettings = parse_settings(EMASettings, ema, "ema")
         self.val_settings: ValidationSettings = parse_settings(ValidationSettings, validation, "validation")
         check_ranges(self.loss_settings, self.optim_settings, self.ema_settings)
-        self.tokenizer: ImageTokenizer = build_tokenizer(**dict(tokenizer))
+        tokenizer = dict(tokenizer)
+        # A list keeps the teacher out of the state_dict, the checkpoint and the EMA copy.
+        self._teacher = [two_stage.load_teacher(teacher)] if teacher is not None else []
+        if self._teacher:
+            tokenizer = two_stage.with_teacher(tokenizer, self._teacher[0])
+        self._check_proxy_stage()
+        self.tokenizer: ImageTokenizer = build_tokenizer(**tokenizer)
+        if self._teacher:
+            two_stage.copy_teacher(self.tokenizer, self._teacher[0])
         self.val_token_counts = self._check_token_counts(self.val_settings.token_counts)
         # Plain dicts only: the checkpoint must load with torch.load(weights_only=True).
         self.save_hyperparameters({
@@ -151,6 +163,8 @@ class TokenizerModule(pl.LightningModule):
         # Names of the tracked loss terms, fixed so a NaN record has one shape from the first step.
         self.term_names = ["total"] + [name for name in ("l1", "l2") if getattr(self.loss_settings, f"{name}_weight") > 0]
         self.term_names.append("quantizer")
+        if self.loss_settings.proxy_weight > 0:
+            self.term_names.append("proxy")
         if self.perceptual is not None:
             self.term_names.append("perceptual")
         if self.discriminator is not None:
@@ -162,10 +176,25 @@ class TokenizerModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ setup
 
+    def _check_proxy_stage(self) -> None:
+        """Stage 1 of two-stage TiTok learns the teacher's codes and decodes no pixels."""
+        loss = self.loss_settings
+        if loss.proxy_weight == 0:
+            return
+        if not self._teacher:
+            raise VistokError("loss.proxy_weight > 0 trains on a teacher's codes; pass teacher=PATH (a 2D VQ tokenizer) or set loss.proxy_weight=0.")
+        pixel = [name for name, weight in [("loss.l1_weight", loss.l1_weight), ("loss.l2_weight", loss.l2_weight),
+                 ("loss.perceptual.weight", loss.perceptual.weight), ("loss.adversarial.weight", loss.adversarial.weight)] if weight > 0]
+        if pixel:
+            raise VistokError(f"stage 1 of two-stage TiTok (loss.proxy_weight > 0) decodes no pixels, so {', '.join(pixel)} must be 0; "
+                              "train the pixel losses in stage 2 (init_from the stage-1 run, loss.proxy_weight=0).")
+
     def _check_token_counts(self, counts: list[int] | None) -> list[int]:
         k_max = self.tokenizer.max_tokens
         if counts is None:
-            return halving_token_counts(k_max)
+            return halving_token_counts(k_max) if self.tokenizer.decodes_prefixes else [k_max]
+        if not self.tokenizer.decodes_prefixes and counts != [k_max]:
+            raise VistokError(f"validation.token_counts is {counts}, but this {self.tokenizer.arch} tokenizer decodes only its full grid of {k_max} tokens; set validation.token_counts=[{k_max}] or null.")
         if not counts:
             raise VistokError("validation.token_counts is empty; list at least one token count, or set it to null for K/8, K/4, K/2, K.")
         bad = [k for k in counts if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= k_max]
@@ -209,12 +238,19 @@ class TokenizerModule(pl.LightningModule):
         settings = self.loss_settings
         adversarial = self.discriminator is not None and self.global_step >= settings.adversarial.start
 
-        out = self.tokenizer(images)  # training mode: lengths from the tail-token dropout, if any
-        recon = out.reconstruction
-        zero = recon.new_zeros(()).float()
+        if settings.proxy_weight > 0:  # two-stage TiTok, stage 1: the teacher's codes are the targets
+            out = two_stage.proxy_forward(self.tokenizer, self._teacher[0], images)
+            recon = None  # no pixel loss is on (checked in __init__)
+        else:
+            out = self.tokenizer(images)  # training mode: lengths from the tail-token dropout, if any
+            recon = out.reconstruction
+        zero = out.quantizer.loss.new_zeros(()).float()
         terms = dict.fromkeys(self.term_names, zero)
         terms["quantizer"] = out.quantizer.loss.float()
         nll = settings.quantizer_weight * terms["quantizer"]
+        if settings.proxy_weight > 0:
+            terms["proxy"] = out.loss.float()
+            nll = nll + settings.proxy_weight * terms["proxy"]
         if settings.l1_weight > 0:
             terms["l1"] = F.l1_loss(recon.float(), images)
             nll = nll + settings.l1_weight * terms["l1"]
@@ -266,6 +302,8 @@ class TokenizerModule(pl.LightningModule):
         self.log("train/mean_tokens", out.lengths.float().mean())
         if "skipped_total" in batch:  # samples the data loader dropped so far (vistok.data.datamodule.TrainLoader)
             self.log("train/num_skipped", torch.tensor(float(batch["skipped_total"])))  # CPU: no device copy
+        if settings.proxy_weight > 0:
+            self.log("train/proxy_accuracy", out.accuracy)
         return total.detach()
 
     def _clip(self, parameters) -> torch.Tensor:

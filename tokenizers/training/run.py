@@ -39,12 +39,13 @@ from vistok.tokenizers.atomic import atomic_write_text
 from vistok.tokenizers.containers import plain
 from vistok.tokenizers.training.callbacks import AtomicCheckpointIO, RankConsistencyCheck, RunArtifacts
 from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.training import finetune
 from vistok.tokenizers.training.module import TokenizerModule
 
 log = logging.getLogger(__name__)
 
 # Top-level keys of configs/train.yaml (experiment/ merges into the others); anything else is refused.
-TOP_LEVEL = {"name", "seed", "run_dir", "resume", "compile", "loss", "optim", "ema", "validation",
+TOP_LEVEL = {"name", "seed", "run_dir", "resume", "init_from", "freeze", "compile", "teacher", "loss", "optim", "ema", "validation",
              "model", "quantizer", "data", "trainer", "logger", "callbacks"}
 SUPPORTED_PRECISION = ("32-true", "32", "bf16-mixed", "bf16-true", "64-true")
 
@@ -123,8 +124,19 @@ def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
 
 
 def build_module(cfg: DictConfig) -> TokenizerModule:
-    return TokenizerModule(tokenizer=tokenizer_config(cfg), loss=plain(cfg.loss), optim=plain(cfg.optim),
-                           ema=plain(cfg.ema), validation=plain(cfg.validation), compile=bool(cfg.compile))
+    # init_from: the architecture and weights stored at that path replace the model/quantizer groups
+    initial = finetune.read_initial_weights(cfg.init_from) if cfg.get("init_from") else None
+    if initial is not None:
+        log.info("init_from %s: its %s architecture and weights (the model and quantizer groups do not apply)",
+                 initial.path, initial.config.get("arch"))
+    module = TokenizerModule(tokenizer=initial.config if initial else tokenizer_config(cfg), loss=plain(cfg.loss),
+                             optim=plain(cfg.optim), ema=plain(cfg.ema), validation=plain(cfg.validation),
+                             compile=bool(cfg.compile), teacher=cfg.get("teacher"))
+    finetune.prepare(module, initial, plain(cfg.get("freeze")))
+    if initial is not None and "data" in cfg and OmegaConf.is_interpolation(cfg.data, "image_size"):
+        # data.image_size follows model.image_size, which init_from replaced by the loaded model's
+        cfg.data.image_size = module.tokenizer.image_size
+    return module
 
 
 def build_datamodule(cfg: DictConfig, module: TokenizerModule) -> pl.LightningDataModule:

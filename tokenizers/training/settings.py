@@ -50,6 +50,7 @@ class LossSettings:
     l1_weight: float
     l2_weight: float
     quantizer_weight: float
+    proxy_weight: float
     perceptual: PerceptualSettings
     adversarial: AdversarialSettings
 
@@ -127,6 +128,7 @@ def check_ranges(loss: LossSettings, optim: OptimSettings, ema: EMASettings) -> 
         ("loss.l1_weight", loss.l1_weight, lambda v: v >= 0, ">= 0"),
         ("loss.l2_weight", loss.l2_weight, lambda v: v >= 0, ">= 0"),
         ("loss.quantizer_weight", loss.quantizer_weight, lambda v: v >= 0, ">= 0"),
+        ("loss.proxy_weight", loss.proxy_weight, lambda v: v >= 0, ">= 0"),
         ("loss.perceptual.weight", loss.perceptual.weight, lambda v: v >= 0, ">= 0"),
         ("loss.adversarial.weight", adversarial.weight, lambda v: v >= 0, ">= 0"),
         ("loss.adversarial.start", adversarial.start, lambda v: v >= 0, ">= 0"),
