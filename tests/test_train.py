@@ -269,7 +269,7 @@ def test_every_setting_has_one_default_and_it_is_train_yaml():
 
 def test_train_py_config_errors_exit_2_with_one_sentence(tmp_path):
     for args, message in (
-        (["quantizer=nope"], "unknown quantizer 'nope'; choose one of fsq, fsq_flextok, lfq, soft, vq, vq_titok, vq_vqgan"),
+        (["quantizer=nope"], "unknown quantizer 'nope'; choose one of fsq, fsq_flextok, gaussian, lfq, soft, vq, vq_titok, vq_vqgan"),
         (["validation.token_counts=[1,64]", f"run_dir={tmp_path / 'run'}"], "validation.token_counts has 64"),
     ):
         result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True, check=False,
