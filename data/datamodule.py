@@ -703,31 +703,21 @@ class SampleDataModule(ShardDataModule):
     photograph) and ``val_crops_per_photo``.
     """
 
+    # The embedded set is small and read on CPU: fewer workers and a shorter epoch than for ImageNet shards.
+    DEFAULTS = {"num_workers": 2, "shuffle_buffer": 500, "batches_per_epoch": 500}
+
     def __init__(
         self,
-        image_size: int = 256,
-        batch_size: int = 32,
-        num_workers: int = 2,
-        shuffle_buffer: int = 500,
-        batches_per_epoch: int = 500,
-        crop: str = "random_resized",
-        scale: Sequence[float] = (0.8, 1.0),
-        ratio: Sequence[float] = (3 / 4, 4 / 3),
-        hflip: bool = True,
-        val_batch_size: int | None = None,
-        seed: int = 0,
-        multiple_of: int | None = None,
-        persistent_workers: bool = False,
         data_dir: str | None = None,
         crops_per_photo: int = 128,
         val_crops_per_photo: int = 32,
+        **settings: Any,
     ):
-        super().__init__(
-            train_urls=None, val_urls=None, image_size=image_size, batch_size=batch_size,
-            num_workers=num_workers, shuffle_buffer=shuffle_buffer, batches_per_epoch=batches_per_epoch,
-            crop=crop, scale=scale, ratio=ratio, hflip=hflip, val_batch_size=val_batch_size, seed=seed,
-            multiple_of=multiple_of, persistent_workers=persistent_workers,
-        )
+        given = sorted({"train_urls", "val_urls"} & set(settings))
+        if given:
+            raise VistokError(f"the sample data builds its own shards, so {', '.join(given)} cannot be set; "
+                              "use data=webdataset for shards of your own")
+        super().__init__(**{**self.DEFAULTS, **settings})
         self.data_dir = data_dir
         self.crops_per_photo = crops_per_photo
         self.val_crops_per_photo = val_crops_per_photo

@@ -570,6 +570,14 @@ def test_sample_datamodule_uses_the_shard_reader(sample_settings, monkeypatch):
     assert len(names) > 0 and all(n.split("/")[0] in VAL_PHOTOS for n in names)
 
 
+def test_sample_datamodule_takes_the_shard_settings_with_its_own_defaults():
+    dm = SampleDataModule(image_size=16, crop="center")
+    assert (dm.num_workers, dm.shuffle_buffer, dm.batches_per_epoch) == (2, 500, 500)  # CPU-sized defaults
+    assert (dm.image_size, dm.crop, dm.batch_size) == (16, "center", 32)  # the rest from ShardDataModule
+    with pytest.raises(VistokError, match="train_urls cannot be set; use data=webdataset"):
+        SampleDataModule(train_urls="shards/shard-000000.tar")
+
+
 # ----------------------------------------------------------------------------- command line
 
 
