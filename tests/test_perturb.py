@@ -19,13 +19,9 @@ from vistok.tokenizers.token_perturb import TokenPerturbation, perturbed_variant
 from vistok.tokenizers.training.run import build_module, run_training
 from vistok.tokenizers.training.settings import CONFIG_DIR
 
+from conftest import save_checkpoint, save_pngs, smooth_images
+
 VQ = {"_target_": "vistok.tokenizers.quantizers.VectorQuantizer", "dim": 4, "codebook_size": 32}
-
-
-def smooth_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
-    """(n, 3, size, size): bilinear upsampled 2x2 colour grids, learnable from a few tokens."""
-    g = torch.Generator().manual_seed(seed)
-    return F.interpolate(torch.rand(n, 3, 2, 2, generator=g), size=(size, size), mode="bilinear", align_corners=True)
 
 
 def fsq_digits(quantizer: FSQ, indices: torch.Tensor) -> torch.Tensor:
@@ -115,19 +111,8 @@ def test_variants_replace_round_rate_times_n_nested_and_seeded():
 
 
 @pytest.fixture(scope="module")
-def trained():
-    """A tiny FSQ TiTok fitted for a few seconds to 16 smooth images (its tokens carry the images)."""
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(image_size=16, num_tokens=8)
-    images = smooth_images(16)
-    opt = torch.optim.Adam(tokenizer.parameters(), lr=3e-3)
-    for _ in range(120):
-        out = tokenizer.train()(images)
-        loss = F.mse_loss(out.reconstruction, images) + out.quantizer.loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return tokenizer.eval(), images
+def trained(fitted_tokenizer):
+    return fitted_tokenizer
 
 
 @pytest.mark.parametrize("kind", ["random", "nearest"])
@@ -157,16 +142,8 @@ def test_nearest_mistakes_hurt_less_than_random_ones(trained):
 def test_score_cli_writes_perturbed_rows_in_table_json_csv_and_plot(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no rFID / LPIPS weights
     tokenizer, images = trained
-    ckpt = tmp_path / "tiny.ckpt"
-    state = tokenizer.state_dict()
-    torch.save({"hyper_parameters": {"tokenizer": tokenizer.config}, "state_dict": {f"tokenizer.{k}": v for k, v in state.items()},
-                "ema_state_dict": state, "vistok": {"metrics": {}, "step": 0, "version": "test"}}, ckpt)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    from PIL import Image
-
-    for i, image in enumerate(images[:6]):
-        Image.fromarray(image.mul(255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    ckpt = save_checkpoint(tokenizer, tmp_path / "tiny.ckpt")
+    folder = save_pngs(images[:6], tmp_path / "images")
     out = tmp_path / "score"
     args = ["score", str(ckpt), str(folder), "--codecs", "none", "--out", str(out), "--perturb", "0.1,0,0.5"]
     assert vistok_main(args + ["--perturb-kind", "nearest", "--seed", "3"]) == 0
