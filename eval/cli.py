@@ -74,15 +74,15 @@ def run(args: argparse.Namespace) -> int:
             raise VistokError("--reference and --reconstructions go together; pass both folders.")
         if args.tokenizer is not None:
             raise VistokError("pass either TOKENIZER DATA or --reference DIR --reconstructions DIR, not both.")
+    elif args.tokenizer is None or args.data is None:
+        raise VistokError("pass a TOKENIZER (exported directory or .ckpt) and DATA (image folder, shards or 'sample'), "
+                          "or --reference DIR --reconstructions DIR.")
     given = [flag for flag, value in (("--perturb-kind", args.perturb_kind), ("--perturb-k", args.perturb_k), ("--seed", args.seed))
              if value is not None]
     if given and args.perturb is None:
         raise VistokError(f"{given[0]} sets up token perturbation; add --perturb RATES (e.g. 0.05,0.1,0.2) or drop {given[0]}.")
     if folder_mode and args.perturb is not None:
         raise VistokError("--perturb decodes a tokenizer's perturbed tokens, so it needs TOKENIZER DATA, not image folders.")
-    elif args.tokenizer is None or args.data is None:
-        raise VistokError("pass a TOKENIZER (exported directory or .ckpt) and DATA (image folder, shards or 'sample'), "
-                          "or --reference DIR --reconstructions DIR.")
 
     from vistok.eval.score import score_folders, score_tokenizer, summary
     from vistok.tokenizers.device import resolve_device
