@@ -54,6 +54,11 @@ def plot_rate_distortion(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+    return _save_panels(fig, path, title)
+
+
+def _save_panels(fig: Any, path: str | os.PathLike, title: str) -> Path:
+    """Title, lay out, write ``path`` atomically as PNG and free the figure."""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -80,13 +85,7 @@ def plot_perturbation(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save_panels(fig, path, title)
 
 
 def save_reconstruction_grid(examples: Mapping[Any, Tensor], path: str | os.PathLike, title: str = "") -> Path:

@@ -3,11 +3,9 @@ and the training option next to tail-token dropout."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from vistok.cli import main as vistok_main
