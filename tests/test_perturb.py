@@ -241,3 +241,18 @@ def test_hydra_option_is_null_by_default_and_trains_with_the_step_as_warm_up(tmp
     assert seen == [(0, 0), (1, 8), (2, 16)]
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["hyper_parameters"]["tokenizer"]["token_perturb"]["k"] == 3
+
+
+def test_post_training_a_loaded_tokenizer_takes_this_runs_perturbation(fitted_tokenizer, tmp_path):
+    """init_from + freeze=[encoder, quantizer] + model.token_perturb: the paper's decoder post-training."""
+    tokenizer, _ = fitted_tokenizer
+    ckpt = save_checkpoint(tokenizer, tmp_path / "tiny.ckpt")
+    module = build_module(make_cfg(f"init_from={ckpt}", "freeze=[encoder,quantizer]",
+                                   "model.token_perturb={rate: 0.25, kind: nearest}"))
+    assert module.tokenizer.token_perturb.get_config() == {"rate": 0.25, "p": 1.0, "kind": "nearest", "k": None, "warmup_steps": 0}
+    assert torch.equal(module.tokenizer.decoder.state_dict()["mask_token"], tokenizer.decoder.state_dict()["mask_token"])
+    # the loaded tokenizer's own setting does not carry over: this run's (null) applies
+    perturbed = build_tokenizer(**{**tokenizer.config, "token_perturb": {"rate": 0.5}})
+    perturbed.load_state_dict(tokenizer.state_dict())
+    again = build_module(make_cfg(f"init_from={save_checkpoint(perturbed, tmp_path / 'p.ckpt')}"))
+    assert again.tokenizer.token_perturb is None
