@@ -35,6 +35,7 @@ from vistok.eval.report import format_table, write_csv
 from vistok.tokenizers.atomic import atomic_write_json, check_writable
 from vistok.tokenizers.device import resolve_device
 from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.token_perturb import check_discrete
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,8 @@ def score_tokenizer(tokenizer: Any | str | os.PathLike, data: str, token_counts:
         tokenizer = load(tokenizer)
     counts = parse_token_counts(token_counts, tokenizer.max_tokens, getattr(tokenizer, "decodes_prefixes", True))
     rates = parse_rates(perturb)
+    if rates:  # before any image or network loads
+        check_discrete(tokenizer.quantizer)
 
     images = sized_images(data, tokenizer.image_size, limit, resize)
     first = next(images, None)  # bad data (missing, empty, wrong size) fails before the networks load
