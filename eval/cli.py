@@ -9,6 +9,7 @@ from vistok.tokenizers.errors import VistokError
 EPILOG = """examples:
   vistok score runs/tok/export sample --limit 256
   vistok score last.ckpt images/ --num-tokens 8,16,32 --target-psnr 30 --out scores/tok
+  vistok score runs/tok/export sample --perturb 0.05,0.1,0.2 --perturb-kind nearest
   vistok score --reference originals/ --reconstructions other_model/
 
 Images are resized so the shorter side is the tokenizer's size (bicubic) and centre-cropped;
@@ -27,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--inception-weights", metavar="PATH", help="FID Inception weights file (default: the torch hub cache)")
     parser.add_argument("--lpips-weights", metavar="PATH", help="torchvision VGG16 weights for LPIPS (default: the torch hub cache)")
     parser.add_argument("--target-psnr", type=float, metavar="DB", help="also pick per image the fewest tokens reaching this PSNR")
+    parser.add_argument("--perturb", metavar="R,R,...", help="also decode with this fraction of each image's tokens replaced by other codes, "
+                        "one row per rate beside the clean one, e.g. 0.05,0.1,0.2 (discrete tokens)")
+    parser.add_argument("--perturb-kind", choices=("random", "nearest"),
+                        help="replacement codes: random (uniform, the default) or nearest (VQ: one of the k nearest, FSQ: a grid neighbour, LFQ: one flipped bit)")
+    parser.add_argument("--perturb-k", type=int, metavar="K", help="nearest for VQ: draw among the K nearest codes (default 8)")
+    parser.add_argument("--seed", type=int, help="seed of the perturbation's draws (default 0)")
     parser.add_argument("--out", metavar="DIR", help="output folder, created before scoring (default outputs/score/<run>-<name>, e.g. outputs/score/a-last for runs/a/checkpoints/last.ckpt)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--no-resize", action="store_true", help="refuse images whose size differs instead of resizing them")
@@ -70,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.tokenizer is None or args.data is None:
         raise VistokError("pass a TOKENIZER (exported directory or .ckpt) and DATA (image folder, shards or 'sample'), "
                           "or --reference DIR --reconstructions DIR.")
+    given = [flag for flag, value in (("--perturb-kind", args.perturb_kind), ("--perturb-k", args.perturb_k), ("--seed", args.seed))
+             if value is not None]
+    if given and args.perturb is None:
+        raise VistokError(f"{given[0]} sets up token perturbation; add --perturb RATES (e.g. 0.05,0.1,0.2) or drop {given[0]}.")
+    if folder_mode and args.perturb is not None:
+        raise VistokError("--perturb decodes a tokenizer's perturbed tokens, so it needs TOKENIZER DATA, not image folders.")
 
     from vistok.eval.score import score_folders, score_tokenizer, summary
     from vistok.tokenizers.device import resolve_device
@@ -86,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
             raise VistokError(f"the tokenizer {tokenizer} does not exist; pass an exported tokenizer directory (vistok export) or a training .ckpt.")
         out = Path(args.out) if args.out else Path("outputs") / "score" / default_name(tokenizer)
         report = score_tokenizer(tokenizer, args.data, args.num_tokens, target_psnr=args.target_psnr, out_dir=out,
-                                 codecs=_codecs(args.codecs), num_examples=args.examples, **common)
+                                 codecs=_codecs(args.codecs), num_examples=args.examples, perturb=args.perturb,
+                                 perturb_kind=args.perturb_kind or "random", perturb_k=args.perturb_k,
+                                 seed=0 if args.seed is None else args.seed, **common)
     print(summary(report))
     return 0

@@ -1,4 +1,5 @@
-"""Figures of a score report: quality against bytes per image, and a grid of reconstructions."""
+"""Figures of a score report: quality against bytes per image (and against the fraction of tokens perturbed),
+and a grid of reconstructions."""
 from __future__ import annotations
 
 import os
@@ -53,6 +54,11 @@ def plot_rate_distortion(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
+    return _save_panels(fig, path, title)
+
+
+def _save_panels(fig: Any, path: str | os.PathLike, title: str) -> Path:
+    """Title, lay out, write ``path`` atomically as PNG and free the figure."""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -60,6 +66,26 @@ def plot_rate_distortion(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_perturbation(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+    """One panel per measured metric against the fraction of tokens perturbed (the ``perturbed-*``
+    rows), with the clean tokenizer at the same token count drawn at rate 0 as a dashed line."""
+    perturbed = sorted((row for row in rows if row.get("perturb_rate") is not None), key=lambda row: row["perturb_rate"])
+    k = perturbed[0]["num_tokens"] if perturbed else None
+    clean = next((row for row in rows if row["method"] == "tokenizer" and row["num_tokens"] == k), None)
+    metrics = [(key, label) for key, label in QUALITY_METRICS if any(row.get(key) is not None for row in perturbed)]
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.6 * max(1, len(metrics)), 3.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics):
+        points = [(row["perturb_rate"], row[key]) for row in perturbed if row.get(key) is not None]
+        ax.plot(*zip(*points), marker="o", label=perturbed[0]["method"])
+        if clean is not None and clean.get(key) is not None:
+            ax.axhline(clean[key], linestyle="--", color="gray", label=f"clean, k={k}")
+        ax.set_xlabel("fraction of tokens perturbed")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save_panels(fig, path, title)
 
 
 def save_reconstruction_grid(examples: Mapping[Any, Tensor], path: str | os.PathLike, title: str = "") -> Path:

@@ -7,7 +7,8 @@ file fits in each token count's bytes (searched per image); where even quality 1
 the row says so (``within_budget`` < 1) and is no equal-rate comparison. The thumbnail codec
 stores the largest 8-bit thumbnail within the bits and reaches every rate. ``--target-psnr`` picks, per
 image, the smallest token count reaching the target, by a binary search over prefix lengths that
-decodes the whole batch at every step.
+decodes the whole batch at every step. ``--perturb`` decodes the largest scored prefix again with a
+fraction of its tokens replaced by other codes (:mod:`vistok.tokenizers.token_perturb`), one row per rate.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from vistok.eval.baselines import CODECS, codec_at_bytes, thumbnail_bits, thumbnail_reconstruct
 from vistok.eval.metrics import ReconstructionEvaluator, bits_per_image, bits_per_token, psnr_per_image
 from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.token_perturb import check_discrete, check_kind, check_rate, perturbed_variants
 
 
 # Two default lists of token counts, for two jobs: a rate-distortion curve wants many points (its
@@ -166,15 +168,15 @@ class RateDistortionResult:
     notes: list[str] = field(default_factory=list)
 
 
-ROW_FIELDS = ("method", "num_tokens", "bits_per_image", "bytes_per_image", "quality", "within_budget",
+ROW_FIELDS = ("method", "num_tokens", "perturb_rate", "bits_per_image", "bytes_per_image", "quality", "within_budget",
               "psnr", "ssim", "lpips", "rfid", "usage", "perplexity")
 
 
 def _row(method: str, k: int, bits: float, nbytes: float, quality: float | None, values: dict[str, float],
-         within_budget: float | None = None) -> dict[str, Any]:
+         within_budget: float | None = None, perturb_rate: float | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {name: None for name in ROW_FIELDS}
     row.update(method=method, num_tokens=k, bits_per_image=bits, bytes_per_image=nbytes, quality=quality,
-               within_budget=within_budget)
+               within_budget=within_budget, perturb_rate=perturb_rate)
     for name in ("psnr", "ssim", "lpips", "rfid", "usage", "perplexity"):
         value = values.get(name)
         row[name] = value if value is not None and math.isfinite(value) else None
@@ -185,7 +187,9 @@ def _row(method: str, k: int, bits: float, nbytes: float, quality: float | None,
 def rate_distortion(tokenizer: Any, batches: Iterable[Tensor], token_counts: Sequence[int] | None = None, *,
                     device: str | torch.device = "cpu", inception: nn.Module | None = None, lpips: nn.Module | None = None,
                     codecs: Sequence[str] = BASELINES, target_psnr: float | None = None, num_examples: int = 8,
-                    notes: Sequence[str] = (), on_batch: Callable[[int], None] | None = None) -> RateDistortionResult:
+                    notes: Sequence[str] = (), on_batch: Callable[[int], None] | None = None,
+                    perturb: Sequence[float] = (), perturb_kind: str = "random", perturb_k: int | None = None,
+                    seed: int = 0) -> RateDistortionResult:
     """Score ``tokenizer`` at several token counts against baselines at the same rate.
 
     batches: iterable of (B, 3, S, S) float images in [0, 1], S = tokenizer.image_size.
@@ -195,15 +199,26 @@ def rate_distortion(tokenizer: Any, batches: Iterable[Tensor], token_counts: Seq
     their bits. target_psnr: also run :func:`choose_lengths` on every image. on_batch(n_images) is called
     after each batch (progress bars). Baselines get PSNR, SSIM and LPIPS; the tokenizer also rFID
     and, for discrete tokens, codebook usage and perplexity.
+    perturb: rates in [0, 1]; each adds a row ``perturbed-<perturb_kind>`` at the largest token count
+    with that fraction of each image's tokens replaced (:func:`perturbed_variants`, ``perturb_k`` the
+    VQ neighbourhood), drawn from a generator seeded with ``seed``; rate 0 decodes the clean tokens.
     """
     device = torch.device(device)
     counts = parse_token_counts(token_counts, tokenizer.max_tokens, getattr(tokenizer, "decodes_prefixes", True))
     for codec in codecs:
         if codec not in BASELINES:
             raise VistokError(f"unknown codec {codec!r}; choose from {', '.join(BASELINES)}.")
+    rates = sorted({check_rate(rate, "every --perturb rate") for rate in perturb})
+    if rates:
+        check_discrete(tokenizer.quantizer)
+        if check_kind(perturb_kind) == "nearest":
+            tokenizer.quantizer.neighbourhood_size(perturb_k)
     tokenizer = tokenizer.to(device).eval()
     codebook_size, token_dim = tokenizer.codebook_size, tokenizer.token_dim
     bits = {k: bits_per_image(k, codebook_size, token_dim) for k in counts}
+    # labels 0..R-1 stand for the rates; one CPU generator, so the draws do not depend on the device
+    perturbed = ReconstructionEvaluator(range(len(rates)), inception=inception, lpips=lpips).to(device) if rates else None
+    generator = torch.Generator().manual_seed(seed)
     ours = ReconstructionEvaluator(counts, codebook_size=codebook_size, token_dim=token_dim, inception=inception, lpips=lpips).to(device)
     baselines = {codec: ReconstructionEvaluator(counts, lpips=lpips).to(device) for codec in codecs}
     codec_bytes = {codec: torch.zeros(len(counts), dtype=torch.float64) for codec in codecs}
@@ -219,6 +234,13 @@ def rate_distortion(tokenizer: Any, batches: Iterable[Tensor], token_counts: Seq
         tokens = tokenizer.encode(images)
         recon = decode_prefixes(tokenizer, tokens, counts, max_batch=max(images.shape[0], 1) * 4)
         ours.update(images, recon, indices=tokens if not tokens.is_floating_point() else None)
+        if perturbed is not None:
+            clean = tokens[:, :counts[-1]]
+            variants = perturbed_variants(tokenizer.quantizer, clean, rates, perturb_kind, perturb_k, generator)
+            # unchanged tokens (rate 0, or a rate below one token) reuse the clean reconstruction: no decode, and
+            # the row equals the clean one exactly on any device (a decode at another batch size may differ in the last bits)
+            perturbed.update(images, {i: recon[counts[-1]] if torch.equal(variant, clean) else tokenizer.decode(variant)
+                                      for i, variant in enumerate(variants)})
         for codec in codecs:
             if codec == "thumbnail":
                 height, width = images.shape[-2:]
@@ -251,6 +273,10 @@ def rate_distortion(tokenizer: Any, batches: Iterable[Tensor], token_counts: Seq
     tokenizer_results = ours.compute()
     for k in counts:
         rows.append(_row("tokenizer", k, bits[k], bits[k] / 8, None, tokenizer_results[k]))
+    if perturbed is not None:
+        k = counts[-1]
+        rows += [_row(f"perturbed-{perturb_kind}", k, bits[k], bits[k] / 8, None, values, perturb_rate=rates[i])
+                 for i, values in perturbed.compute().items()]
     all_notes = list(notes)
     for codec in codecs:
         results = baselines[codec].compute()

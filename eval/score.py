@@ -7,6 +7,7 @@ not S x S), runs :func:`vistok.eval.rate_distortion.rate_distortion` and writes 
 - ``report.json``: settings, protocol, one row per (method, token count), adaptive-length summary, notes;
 - ``rate_distortion.csv``: the rows;
 - ``rate_distortion.png``: PSNR/SSIM/LPIPS/rFID against bytes per image, one line per method;
+- ``perturbation.png`` (with ``perturb``): the metrics against the fraction of tokens perturbed;
 - ``reconstructions.png``: example images (rows) by token count (columns).
 
 :func:`score_folders` scores reconstructions made elsewhere against their originals, matching
@@ -28,12 +29,13 @@ from vistok.data.images import list_images, load_rgb, resize_center_crop, to_ten
 from vistok.data.sources import iter_image_source
 from vistok.eval.metrics import ReconstructionEvaluator, bits_per_token
 from vistok.eval.pretrained import load_networks
-from vistok.eval.plots import plot_rate_distortion, save_reconstruction_grid
+from vistok.eval.plots import plot_perturbation, plot_rate_distortion, save_reconstruction_grid
 from vistok.eval.rate_distortion import BASELINES, ROW_FIELDS, parse_token_counts, rate_distortion
 from vistok.eval.report import format_table, write_csv
 from vistok.tokenizers.atomic import atomic_write_json, check_writable
 from vistok.tokenizers.device import resolve_device
 from vistok.tokenizers.errors import VistokError
+from vistok.tokenizers.token_perturb import check_discrete
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +54,39 @@ PROTOCOL = {
     "thumbnail": ("per image the largest 8-bit RGB thumbnail (aspect kept) whose pixels x 24 bits fit in the tokens' bits, "
                   "downscaled bicubic with antialiasing, upscaled bicubic; mid-grey below 24 bits"),
     "resize": "images resized so the shorter side is the tokenizer's size (bicubic, antialiased) and centre-cropped",
+    "perturbation": ("at the largest scored token count k, round(rate x k) tokens per image at uniformly drawn positions "
+                     "replaced by another code (random: uniform over the other codes; nearest: VQ one of the k nearest "
+                     "codewords, FSQ a grid neighbour one level away on one channel, LFQ one flipped bit), then decoded; "
+                     "positions and codes are drawn once per batch from a seeded CPU generator, so a lower rate's "
+                     "replacements are part of every higher rate's; rate 0 decodes the clean tokens"),
 }
 
-SUMMARY_COLUMNS = ("method", "num_tokens", "bits_per_image", "bytes_per_image", "quality", "at_rate", "psnr", "ssim", "lpips", "rfid", "usage", "perplexity")
+SUMMARY_COLUMNS = ("method", "num_tokens", "perturb_rate", "bits_per_image", "bytes_per_image", "quality", "at_rate", "psnr", "ssim", "lpips", "rfid", "usage", "perplexity")
 
 
 def _check_positive(name: str, value: Any, kind: type = int) -> None:
     if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0
                               or (kind is int and int(value) != value) or not math.isfinite(value)):
         raise VistokError(f"{name} must be a positive {'whole number' if kind is int else 'number'}, got {value!r}.")
+
+
+def parse_rates(value: str | Sequence[float] | None) -> list[float]:
+    """Perturbation rates from "0.05,0.1,0.2" (or a sequence): sorted, distinct, each in [0, 1]."""
+    if value is None:
+        return []
+    items = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
+    rates = []
+    for item in items:
+        try:
+            rate = float(item)
+        except (TypeError, ValueError):
+            rate = float("nan")
+        if isinstance(item, bool) or not 0.0 <= rate <= 1.0:
+            raise VistokError(f"--perturb takes comma-separated fractions of the tokens in [0, 1] such as 0.05,0.1,0.2, got {item!r}.")
+        rates.append(rate)
+    if not rates:
+        raise VistokError("--perturb is empty; give fractions of the tokens in [0, 1] such as 0.05,0.1,0.2.")
+    return sorted(set(rates))
 
 
 def sized_images(source: str, image_size: int, limit: int | None, resize: bool) -> Iterator[tuple[str, Tensor]]:
@@ -107,7 +133,8 @@ def score_tokenizer(tokenizer: Any | str | os.PathLike, data: str, token_counts:
                     inception_weights: str | os.PathLike | bool | None = None,
                     lpips_weights: str | os.PathLike | bool | None = None, target_psnr: float | None = None,
                     out_dir: str | os.PathLike | None = None, resize: bool = True, codecs: Sequence[str] = BASELINES,
-                    num_examples: int = 8, progress: bool = True) -> dict[str, Any]:
+                    num_examples: int = 8, progress: bool = True, perturb: str | Sequence[float] | None = None,
+                    perturb_kind: str = "random", perturb_k: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Score a tokenizer on an image set; returns the report (and writes its files when ``out_dir``).
 
     tokenizer: an ImageTokenizer, or a path to an exported directory or a training ``.ckpt``.
@@ -116,6 +143,8 @@ def score_tokenizer(tokenizer: Any | str | os.PathLike, data: str, token_counts:
     inception_weights / lpips_weights: None looks in the torch hub cache, a path loads that file,
     False turns the metric off; missing weights skip the metric with a note in the report.
     target_psnr: also choose per image the smallest token count reaching this PSNR (dB).
+    perturb: "0.05,0.1" or a list of rates: rows with that fraction of the tokens replaced by
+    ``perturb_kind`` codes (random | nearest; ``perturb_k`` the VQ neighbourhood), seeded by ``seed``.
     """
     _check_positive("--batch-size", batch_size)
     _check_positive("--limit", limit)
@@ -129,6 +158,9 @@ def score_tokenizer(tokenizer: Any | str | os.PathLike, data: str, token_counts:
 
         tokenizer = load(tokenizer)
     counts = parse_token_counts(token_counts, tokenizer.max_tokens, getattr(tokenizer, "decodes_prefixes", True))
+    rates = parse_rates(perturb)
+    if rates:  # before any image or network loads
+        check_discrete(tokenizer.quantizer)
 
     images = sized_images(data, tokenizer.image_size, limit, resize)
     first = next(images, None)  # bad data (missing, empty, wrong size) fails before the networks load
@@ -147,7 +179,8 @@ def score_tokenizer(tokenizer: Any | str | os.PathLike, data: str, token_counts:
         result = rate_distortion(
             tokenizer, batched(all_images(), batch_size), counts, device=device, inception=inception, lpips=lpips,
             codecs=codecs, target_psnr=target_psnr, num_examples=num_examples, notes=notes,
-            on_batch=bar.update if bar is not None else None,
+            on_batch=bar.update if bar is not None else None, perturb=rates, perturb_kind=perturb_kind,
+            perturb_k=perturb_k, seed=seed,
         )
     finally:
         if bar is not None:
@@ -170,6 +203,9 @@ def score_tokenizer(tokenizer: Any | str | os.PathLike, data: str, token_counts:
         "adaptive": result.adaptive,
         "notes": result.notes,
     }
+    if rates:
+        report["perturbation"] = {"rates": rates, "kind": perturb_kind, "k": perturb_k, "seed": seed,
+                                  "num_tokens": result.token_counts[-1]}
     if out_dir is not None:
         report["files"] = write_tokenizer_outputs(report, result.examples, Path(out_dir))
     return report
@@ -178,10 +214,13 @@ def score_tokenizer(tokenizer: Any | str | os.PathLike, data: str, token_counts:
 def write_tokenizer_outputs(report: dict[str, Any], examples: dict[Any, Tensor], out_dir: Path) -> dict[str, str]:
     """report.json, rate_distortion.csv, rate_distortion.png and reconstructions.png in ``out_dir`` (atomically each)."""
     title = f"{report['tokenizer']['source']} on {report['data']['source']} ({report['data']['num_images']} images)"
+    at_rate = [row for row in report["rows"] if row.get("perturb_rate") is None]
     files = {
         "csv": str(write_csv(out_dir / "rate_distortion.csv", report["rows"], ROW_FIELDS)),
-        "plot": str(plot_rate_distortion(report["rows"], out_dir / "rate_distortion.png", title=title, adaptive=report.get("adaptive"))),
+        "plot": str(plot_rate_distortion(at_rate, out_dir / "rate_distortion.png", title=title, adaptive=report.get("adaptive"))),
     }
+    if report.get("perturbation"):
+        files["perturbation_plot"] = str(plot_perturbation(report["rows"], out_dir / "perturbation.png", title=title))
     if examples:
         files["grid"] = str(save_reconstruction_grid(examples, out_dir / "reconstructions.png", title=title))
     files["json"] = str(out_dir / "report.json")

@@ -28,3 +28,54 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+def smooth_images(n: int, size: int = 16, seed: int = 0):
+    """(n, 3, size, size) in [0, 1]: bilinear upsampled 2x2 colour grids, learnable from a few tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.rand(n, 3, 2, 2, generator=g), size=(size, size), mode="bilinear", align_corners=True)
+
+
+@pytest.fixture(scope="session")
+def fitted_tokenizer():
+    """(tokenizer, images): a tiny FSQ TiTok (16 px, 8 tokens) fitted for a few seconds to 16 smooth
+    images, so its tokens carry the images (PSNR about 20 dB at 8 tokens, lower at shorter prefixes)."""
+    import torch
+    import torch.nn.functional as F
+
+    from vistok.tokenizers.model import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(image_size=16, num_tokens=8)
+    images = smooth_images(16)
+    opt = torch.optim.Adam(tokenizer.parameters(), lr=3e-3)
+    for _ in range(120):
+        out = tokenizer.train()(images)
+        loss = F.mse_loss(out.reconstruction, images) + out.quantizer.loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return tokenizer.eval(), images
+
+
+def save_checkpoint(tokenizer, path):
+    """``path``: a checkpoint shaped like the training module's, holding ``tokenizer``'s weights."""
+    import torch
+
+    state = tokenizer.state_dict()
+    torch.save({"hyper_parameters": {"tokenizer": tokenizer.config}, "state_dict": {f"tokenizer.{k}": v for k, v in state.items()},
+                "ema_state_dict": state, "vistok": {"metrics": {}, "step": 0, "version": "test"}}, path)
+    return path
+
+
+def save_pngs(images, folder):
+    """(N, 3, H, W) in [0, 1] -> folder/0.png ... (8-bit, so they load back exactly)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image.mul(255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    return folder

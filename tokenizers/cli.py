@@ -2,10 +2,11 @@
 
 export  CKPT OUT_DIR [--no-ema] [--force]
         a training checkpoint -> OUT_DIR/{model.safetensors, config.json, README.md}
-encode  TOKENIZER IMAGES... --out tokens.npz [--num-tokens k] [--batch-size] [--device]
-        image files, folders or webdataset shard URLs -> token indices (or soft codes) per image
+encode  TOKENIZER IMAGES... --out tokens.npz [--num-tokens k] [--target-psnr DB] [--batch-size] [--device]
+        image files, folders or webdataset shard URLs -> token indices (or soft codes) per image;
+        with --target-psnr each image keeps the shortest prefix reaching DB (padded, with a lengths array)
 decode  TOKENIZER tokens.npz --out DIR [--num-tokens k] [--batch-size] [--device]
-        tokens (any prefix) -> one PNG per image, named after the encoded image
+        tokens (any prefix; each image at its own length when the file has lengths) -> one PNG per image
 info    TOKENIZER [--json]
         the config and the validation metrics recorded at training time
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,7 +30,11 @@ from vistok.tokenizers.device import resolve_device
 from vistok.tokenizers.errors import VistokError
 
 NPZ_FORMAT = "vistok-tokens"
-NPZ_FORMAT_VERSION = 1
+# 2 added the optional per-image ``lengths`` (with ``--target-psnr``); version 1 files read as before.
+NPZ_FORMAT_VERSION = 2
+# Where an image's tokens end before the row does (``lengths``), the row is padded with this index
+# (never a code) or, for soft codes, with zeros.
+PAD_INDEX = -1
 NPZ_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive
 PROGRESS_MIN_IMAGES = 8  # below this a progress bar is noise
 
@@ -53,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         )
         parser.add_argument("--out", required=True, metavar="TOKENS.npz", help="output .npz file")
         parser.add_argument("--num-tokens", type=int, default=None, metavar="K", help="keep the first K tokens per image (default: all)")
+        parser.add_argument("--target-psnr", type=float, default=None, metavar="DB",
+                            help="keep per image the fewest tokens (up to K) whose reconstruction reaches DB dB PSNR, the search of "
+                            "`vistok score --target-psnr`; the file gets padded tokens and a lengths array")
     elif command == "decode":
         parser.add_argument("tokens", metavar="TOKENS.npz", help="an .npz written by `vistok encode`")
         parser.add_argument("--out", required=True, metavar="DIR", help="directory for the PNGs (created if needed)")
@@ -83,6 +92,28 @@ def _check_batch_size(batch_size: int) -> None:
 def _check_num_tokens(k: int | None, max_tokens: int) -> None:
     if k is not None and not 1 <= k <= max_tokens:
         raise VistokError(f"--num-tokens {k} is outside 1..{max_tokens}, the tokens per image of this tokenizer; choose a value in that range.")
+
+
+def _check_target_psnr(target: float | None, tokenizer: Any) -> float | None:
+    if target is None:
+        return None
+    if not math.isfinite(target) or target <= 0:
+        raise VistokError(f"--target-psnr must be a positive number of dB such as 30, got {target!r}.")
+    if not tokenizer.decodes_prefixes:
+        raise VistokError(f"--target-psnr keeps a prefix of each image's tokens, but this {tokenizer.arch} tokenizer decodes only "
+                          f"its full grid of {tokenizer.max_tokens}; drop --target-psnr.")
+    return float(target)
+
+
+def pad_after(tokens: Any, lengths: Any) -> Any:
+    """tokens (B, k) long or (B, k, D) float with positions >= lengths[b] (B,) set to the padding
+    (:data:`PAD_INDEX` for indices, 0 for soft codes), so a file holds no token beyond an image's length."""
+    import torch
+
+    beyond = torch.arange(tokens.shape[1], device=tokens.device)[None, :] >= lengths.to(tokens.device)[:, None]
+    if tokens.is_floating_point():
+        return tokens.masked_fill(beyond[..., None], 0.0)
+    return tokens.masked_fill(beyond, PAD_INDEX)
 
 
 def _count_images(sources: list[str]) -> int | None:
@@ -176,6 +207,23 @@ def _read_tokens(path: Path) -> dict[str, Any]:
     return arrays
 
 
+def _read_lengths(data: dict[str, Any], path: Path, tokens: Any) -> Any:
+    """The file's per-image lengths (N,) int64, checked against its tokens, or None (all rows full)."""
+    import numpy as np
+
+    version = int(data.get("format_version", 1))
+    if version > NPZ_FORMAT_VERSION:
+        raise VistokError(f"{path} is a version {version} tokens file, newer than this vistok reads ({NPZ_FORMAT_VERSION}); upgrade vistok.")
+    if "lengths" not in data:
+        return None
+    lengths = data["lengths"]
+    if lengths.shape != tokens.shape[:1] or not np.issubdtype(lengths.dtype, np.integer) or (
+            lengths.size and (lengths.min() < 1 or lengths.max() > tokens.shape[1])):
+        raise VistokError(f"{path} has a lengths array that does not fit its {tokens.shape[0]} rows of {tokens.shape[1]} tokens "
+                          "(one length from 1 to the row width per image); it is corrupted, encode the images again.")
+    return lengths.astype(np.int64)
+
+
 # --------------------------------------------------------------------------------------------
 # Commands
 
@@ -198,6 +246,8 @@ def _encode(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from vistok.eval.metrics import bits_per_token
+    from vistok.eval.rate_distortion import choose_lengths, summarize_lengths
     from vistok.tokenizers.export import load_with_metadata, vistok_version
 
     _check_batch_size(args.batch_size)
@@ -210,17 +260,24 @@ def _encode(args: argparse.Namespace) -> int:
     tokenizer = loaded.tokenizer
     _check_num_tokens(args.num_tokens, tokenizer.max_tokens)
     k = tokenizer.max_tokens if args.num_tokens is None else args.num_tokens
+    target = _check_target_psnr(args.target_psnr, tokenizer)
     tokenizer.to(device)
 
     total = _count_images(args.images)
     names: list[str] = []
     chunks: list[np.ndarray] = []
+    chosen: list[torch.Tensor] = []  # with --target-psnr: (lengths (B,), psnr (B,)) per batch
     batch: list[torch.Tensor] = []
     progress: list[tqdm] = []  # opened with the first batch, so a bad source fails before any bar is drawn
 
     def flush() -> None:
+        images = torch.stack(batch).to(device)
         with torch.inference_mode():
-            tokens = tokenizer.encode(torch.stack(batch).to(device), num_tokens=k)
+            tokens = tokenizer.encode(images, num_tokens=k)
+            if target is not None:
+                lengths, psnr = choose_lengths(tokenizer, images, target, tokens=tokens, candidates=range(1, k + 1))
+                tokens = pad_after(tokens, lengths)
+                chosen.append(torch.stack([lengths.double(), psnr]).cpu())
         chunks.append(tokens.cpu().numpy())
         if not progress:
             progress.append(tqdm(total=total, unit="img", desc="encoding",
@@ -262,9 +319,24 @@ def _encode(args: argparse.Namespace) -> int:
         "fingerprint": np.array(loaded.fingerprint),
         "vistok_version": np.array(vistok_version()),
     }
+    summary = None
+    if target is not None:
+        lengths, psnr = torch.cat(chosen, dim=1)
+        arrays.update(lengths=lengths.numpy().astype(np.int32), psnr=psnr.numpy().astype(np.float32),
+                      target_psnr=np.array(target))
+        summary = summarize_lengths(lengths.long(), psnr, target, tokenizer.codebook_size, tokenizer.token_dim)
     atomic_write(out, lambda handle: np.savez(handle, **arrays))
     what = "token indices" if tokenizer.is_discrete else f"soft codes of dimension {tokenizer.token_dim}"
-    print(f"encoded {len(names)} image(s) into {k} {what} each ({k} of {tokenizer.max_tokens}): {out}")
+    if summary is None:
+        print(f"encoded {len(names)} image(s) into {k} {what} each ({k} of {tokenizer.max_tokens}): {out}")
+        return 0
+    missed = round(len(names) * (1 - summary["fraction_reached"]))
+    fixed_bytes = k * bits_per_token(tokenizer.codebook_size, tokenizer.token_dim) / 8
+    print(f"encoded {len(names)} image(s) into {what}, each at its own length for {target:g} dB PSNR: mean "
+          f"{summary['mean_tokens']:.2f} of {k} tokens ({summary['mean_bits_per_image'] / 8:.1f} bytes per image against "
+          f"{fixed_bytes:.1f} at a fixed {k}, {1 - summary['mean_bits_per_image'] / 8 / fixed_bytes:.1%} saved): {out}")
+    if missed:
+        print(f"{missed} image(s) did not reach {target:g} dB with all {k} tokens and keep all {k}.")
     return 0
 
 
@@ -286,6 +358,10 @@ def _decode(args: argparse.Namespace) -> int:
     loaded = load_with_metadata(args.tokenizer)
     tokenizer = loaded.tokenizer
     tokens, names = data["tokens"], [str(n) for n in data["names"].reshape(-1)]
+    lengths = _read_lengths(data, path, tokens)
+    if lengths is not None:  # only the tokens before each image's length are tokens; the rest is padding
+        beyond = np.arange(tokens.shape[1])[None, :] >= lengths[:, None]
+        tokens = np.where(beyond[:, :, None] if tokens.ndim == 3 else beyond, 0, tokens).astype(tokens.dtype)
 
     if tokenizer.is_discrete:
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
@@ -313,18 +389,28 @@ def _decode(args: argparse.Namespace) -> int:
         )
     if k < available:
         print(f"decoding a prefix: the first {k} of the {available} tokens per image in {path}")
+    if lengths is not None:
+        lengths = np.minimum(lengths, k)
+        if not tokenizer.decodes_prefixes and int(lengths.min()) < tokenizer.max_tokens:
+            raise VistokError(f"{path} keeps fewer than {tokenizer.max_tokens} tokens for some images, but this {tokenizer.arch} "
+                              "tokenizer decodes only its full grid; decode it with the tokenizer that encoded it.")
 
     tokenizer.to(device)
     targets = png_paths(names)
     for start in range(0, len(names), args.batch_size):
         chunk = torch.from_numpy(np.ascontiguousarray(tokens[start:start + args.batch_size, :k]))
         chunk = chunk.long() if tokenizer.is_discrete else chunk.float()
+        own = None if lengths is None else torch.from_numpy(lengths[start:start + args.batch_size]).long().to(device)
         with torch.inference_mode():
-            images = tokenizer.decode(chunk.to(device)).cpu()
+            images = tokenizer.decode(chunk.to(device), lengths=own).cpu()
         for image, target in zip(images, targets[start:start + args.batch_size]):
             pil = to_pil(image)
             atomic_write(out_dir / target, lambda handle: pil.save(handle, format="PNG"))
-    print(f"decoded {len(names)} image(s) from {k} of {tokenizer.max_tokens} tokens into {out_dir}")
+    if lengths is None:
+        print(f"decoded {len(names)} image(s) from {k} of {tokenizer.max_tokens} tokens into {out_dir}")
+    else:
+        print(f"decoded {len(names)} image(s), each at its own length (mean {lengths.mean():.2f}, "
+              f"{lengths.min()} to {lengths.max()} of {tokenizer.max_tokens} tokens), into {out_dir}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The image tokenizer: encoder -> quantizer -> (tail-token dropout, training only) -> decoder.
+"""The image tokenizer: encoder -> quantizer -> (token perturbation and tail-token dropout, training only) -> decoder.
 
 :func:`build_tokenizer` assembles one from an architecture (``"titok"``: 1D, ``"conv"``: 2D),
 a size preset, a quantizer config and overrides. The resulting :class:`ImageTokenizer` carries a
@@ -20,6 +20,7 @@ from vistok.tokenizers.conv import ConvDecoder, ConvEncoder
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.quantizers import Quantizer, QuantizerOutput, build_quantizer
 from vistok.tokenizers.token_dropout import TailTokenDropout
+from vistok.tokenizers.token_perturb import TokenPerturbation
 from vistok.tokenizers.transformer import TiTokDecoder, TiTokEncoder
 
 # Sizes follow TiTok S/B/L (patch 16 at 256 px; default K = 128/64/32 as in the paper's
@@ -58,6 +59,7 @@ for _name, _module in NAMED_ARCHS.items():
 PRESETS["titok_original"] = titok_original.PRESETS
 OVERRIDES["titok_original"] = titok_original.OVERRIDES
 
+PERTURB_SETTINGS = ("rate", "p", "kind", "k", "warmup_steps")
 DEFAULT_QUANTIZER = {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [8, 5, 5, 5]}
 
 
@@ -68,11 +70,14 @@ class TokenizerOutput:
     reconstruction: (B, 3, H, W) float on the [0, 1] scale, not clamped (for losses).
     quantizer: the quantizer's output for all K tokens (loss, stats, indices).
     lengths: (B,) long, how many leading tokens the decoder saw per sample.
+    perturbed: (B, K) bool, the tokens replaced by other codes (token perturbation), or None when
+        nothing was perturbed (eval mode, or no perturbation configured).
     """
 
     reconstruction: torch.Tensor
     quantizer: QuantizerOutput
     lengths: torch.Tensor
+    perturbed: torch.Tensor | None = None
 
 
 class ImageTokenizer(nn.Module):
@@ -92,12 +97,13 @@ class ImageTokenizer(nn.Module):
 
     def __init__(self, encoder: nn.Module, quantizer: Quantizer, decoder: nn.Module, *, arch: str, image_size: int,
                  max_tokens: int, patch_size: int, token_dropout: TailTokenDropout | None,
-                 config: Mapping[str, Any]) -> None:
+                 config: Mapping[str, Any], token_perturb: TokenPerturbation | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.quantizer = quantizer
         self.decoder = decoder
         self.token_dropout = token_dropout
+        self.token_perturb = token_perturb
         self.arch = arch
         self.image_size = image_size
         self.max_tokens = max_tokens
@@ -120,15 +126,21 @@ class ImageTokenizer(nn.Module):
     def is_discrete(self) -> bool:
         return self.quantizer.codebook_size is not None
 
-    def forward(self, images: torch.Tensor, num_tokens: int | torch.Tensor | None = None) -> TokenizerOutput:
+    def forward(self, images: torch.Tensor, num_tokens: int | torch.Tensor | None = None,
+                step: int | None = None) -> TokenizerOutput:
         """Encode, quantize and decode a prefix of the tokens.
 
         images: (B, 3, H, W) in [0, 1]. num_tokens: an int k (every sample keeps k tokens), a (B,)
         long tensor of per-sample lengths, or None: in training mode the token dropout's sampled
-        lengths (all K when there is none), in eval mode all K.
+        lengths (all K when there is none), in eval mode all K. step: the training step, which sets
+        the token perturbation's warm-up (None: after it); in training mode only, a configured
+        perturbation replaces some tokens' codes before decoding.
         """
         self._check_images(images)
         quantized = self.quantizer(self.encoder(images * 2 - 1))
+        codes, perturbed = quantized.quantized, None
+        if self.training and self.token_perturb is not None:
+            codes, perturbed = self.token_perturb(self.quantizer, codes, quantized.indices, step)
         batch_size = images.shape[0]
         if num_tokens is None:
             if self.training and self.token_dropout is not None:
@@ -140,8 +152,8 @@ class ImageTokenizer(nn.Module):
         else:
             k = self._check_num_tokens(num_tokens)
             lengths = torch.full((batch_size,), k, dtype=torch.long, device=images.device)
-        reconstruction = (self.decoder(quantized.quantized, lengths) + 1) / 2
-        return TokenizerOutput(reconstruction, quantized, lengths)
+        reconstruction = (self.decoder(codes, lengths) + 1) / 2
+        return TokenizerOutput(reconstruction, quantized, lengths, perturbed)
 
     def encode(self, images: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1] -> the first k tokens (k = num_tokens, default K).
@@ -219,7 +231,7 @@ class ImageTokenizer(nn.Module):
 def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int = 32,
                     quantizer: Mapping[str, Any] | Quantizer | None = None, num_tokens: int | None = None,
                     patch_size: int | None = None, token_dropout: Mapping[str, Any] | None = None,
-                    **overrides: Any) -> ImageTokenizer:
+                    token_perturb: Mapping[str, Any] | None = None, **overrides: Any) -> ImageTokenizer:
     """Build an :class:`ImageTokenizer` from a preset plus overrides.
 
     Args:
@@ -236,6 +248,7 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
         patch_size: titok patch side (default from the preset); for conv it must be None or the
             downsampling factor.
         token_dropout: None (no tail-token dropout) or ``TailTokenDropout`` kwargs.
+        token_perturb: None (no token perturbation) or ``TokenPerturbation`` kwargs (discrete tokens only).
         **overrides: titok: width, depth, heads, mlp_ratio, decoder_width, decoder_depth,
             decoder_heads; conv: channels, channel_mult, num_res_blocks, mid_attention, dropout;
             named architectures: their module's OVERRIDES.
@@ -317,6 +330,16 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
         if dropout_module.min_tokens > num_tokens:
             raise VistokError(f"token_dropout.min_tokens {dropout_module.min_tokens} exceeds the {num_tokens} tokens per image; lower it to at most {num_tokens}.")
 
+    perturb_module = None
+    if token_perturb is not None:
+        if not isinstance(token_perturb, Mapping):
+            raise VistokError(f"token_perturb must be None or a mapping of TokenPerturbation settings, got {token_perturb!r}.")
+        unknown = sorted(set(token_perturb) - set(PERTURB_SETTINGS))
+        if unknown:
+            raise VistokError(f"unknown token_perturb setting(s) {', '.join(unknown)}; the settings are {', '.join(PERTURB_SETTINGS)}.")
+        perturb_module = TokenPerturbation(**token_perturb)
+        perturb_module.check(quantizer_module)
+
     config = {
         "arch": arch,
         "preset": preset,
@@ -327,8 +350,11 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
         "token_dropout": None if dropout_module is None else dropout_module.get_config(),
         **settings,
     }
+    if perturb_module is not None:  # only when set, so configs (and exports) without it read as before
+        config["token_perturb"] = perturb_module.get_config()
     return ImageTokenizer(encoder, quantizer_module, decoder, arch=arch, image_size=image_size,
-                          max_tokens=num_tokens, patch_size=patch_size, token_dropout=dropout_module, config=config)
+                          max_tokens=num_tokens, patch_size=patch_size, token_dropout=dropout_module, config=config,
+                          token_perturb=perturb_module)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vistok.tokenizers.errors import VistokError
+
 
 @dataclass
 class QuantizerOutput:
@@ -104,6 +106,37 @@ class Quantizer(nn.Module):
         """(B, N) long -> (B, N, D) float, the same vectors ``quantized`` holds for them."""
         raise NotImplementedError
 
+    def neighbours(self, indices: torch.Tensor, k: int | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """One code near each code, drawn at random: a generator's near-miss (token perturbation).
+
+        indices: long, any shape, in [0, codebook_size). k: how many nearest codes to draw from, for
+        quantizers whose neighbourhood has a size (VQ); the others refuse it. generator: seeds the draw
+        (its device holds the random numbers, so a CPU generator gives the same codes on any device).
+        Returns long, the shape of ``indices``, never equal to the code it replaces.
+        """
+        self.neighbourhood_size(k)
+        raise NotImplementedError  # pragma: no cover - discrete quantizers override it
+
+    def neighbourhood_size(self, k: int | None) -> int | None:
+        """Check ``k`` for :meth:`neighbours` without drawing anything; returns the k in use (None where
+        the neighbourhood is fixed). Raises VistokError for soft tokens or a k that does not apply."""
+        raise VistokError(f"{type(self).__name__} tokens are continuous (no codebook of discrete codes), so they have no "
+                          "neighbouring codes to perturb with; perturb a VQ, FSQ or LFQ tokenizer.")
+
     def get_config(self) -> dict:  # pragma: no cover - abstract
         """JSON-able constructor arguments plus ``"_target_"``; ``build_quantizer`` rebuilds from it."""
         raise NotImplementedError
+
+
+def uniform_like(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) floats of ``shape`` on ``device``, drawn on the generator's device (the default
+    generator of ``device`` when None), so a seeded CPU generator draws the same numbers for any device."""
+    source = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=source).to(device)
+
+
+def no_neighbourhood_size(name: str, k: int | None, what: str) -> None:
+    """Refuse a k where the neighbours are fixed by the code's structure (FSQ grid, LFQ bits)."""
+    if k is not None:
+        raise VistokError(f"{name}'s nearest codes are fixed ({what}), so a neighbourhood size k={k} does not apply; leave k unset.")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vistok.tokenizers.errors import VistokError
-from vistok.tokenizers.quantizers.base import Quantizer, QuantizerOutput, code_stats
+from vistok.tokenizers.quantizers.base import Quantizer, QuantizerOutput, code_stats, no_neighbourhood_size, uniform_like
 
 
 class FSQ(Quantizer):
@@ -93,6 +93,24 @@ class FSQ(Quantizer):
         digits = torch.div(indices.unsqueeze(-1), self._basis, rounding_mode="floor") % self._levels
         codes = (digits - self._half_width).float() / self._half_width.float()
         return self.project_out(codes)
+
+    def neighbourhood_size(self, k: int | None) -> None:
+        no_neighbourhood_size("FSQ", k, "the grid points one level step away on one channel")
+
+    @torch.no_grad()
+    def neighbours(self, indices: torch.Tensor, k: int | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """A grid neighbour of each code: one channel moved one level up or down, staying on the grid,
+        chosen uniformly among the (2d or fewer at the edges) neighbours. Same shape as ``indices``."""
+        self.neighbourhood_size(k)
+        digits = torch.div(indices.unsqueeze(-1), self._basis, rounding_mode="floor") % self._levels  # (..., d)
+        # move j < d raises channel j, move d + j lowers it; a move off the grid is not a neighbour
+        valid = torch.cat([digits + 1 < self._levels, digits > 0], dim=-1)
+        draw = uniform_like(valid.shape, generator, indices.device).masked_fill(~valid, -1.0)
+        move = draw.argmax(dim=-1)  # the largest of iid uniforms over the valid moves: uniform among them
+        channel = move % self.grid_dim
+        step = torch.where(move < self.grid_dim, 1, -1)
+        return indices + step * self._basis[channel]
 
     def get_config(self) -> dict:
         return {"_target_": "vistok.tokenizers.quantizers.FSQ", "dim": self.dim, "levels": list(self.levels), "eps": self.eps}

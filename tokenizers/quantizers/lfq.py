@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from vistok.tokenizers.errors import VistokError
-from vistok.tokenizers.quantizers.base import Quantizer, QuantizerOutput, code_stats
+from vistok.tokenizers.quantizers.base import Quantizer, QuantizerOutput, code_stats, no_neighbourhood_size, uniform_like
 
 # The batch entropy costs T * 2^D multiply-adds; beyond this it is impractically slow, not wrong.
 MAX_ENTROPY_BITS = 28
@@ -165,6 +165,18 @@ class LFQ(Quantizer):
         """(B, N) long in [0, 2^D) -> (B, N, D) float in {-scale, +scale}."""
         bits = (indices.unsqueeze(-1) & self._bit_values) != 0
         return torch.where(bits, self.scale, -self.scale).float()
+
+    def neighbourhood_size(self, k: int | None) -> None:
+        no_neighbourhood_size("LFQ", k, "the codes one flipped bit away")
+
+    @torch.no_grad()
+    def neighbours(self, indices: torch.Tensor, k: int | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """Each code with one bit flipped (the nearest corners of the hypercube), the bit uniform
+        among the D. Same shape as ``indices``."""
+        self.neighbourhood_size(k)
+        bit = (uniform_like(tuple(indices.shape), generator, indices.device) * self.dim).long().clamp_max(self.dim - 1)
+        return indices ^ self._bit_values[bit]
 
     def get_config(self) -> dict:
         return {

@@ -32,11 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vistok.tokenizers.errors import VistokError
-from vistok.tokenizers.quantizers.base import Quantizer, QuantizerOutput, counts_stats
+from vistok.tokenizers.quantizers.base import Quantizer, QuantizerOutput, counts_stats, uniform_like
 
 
 # Codes per block of the nearest-code search; tokens per block follow from lookup_chunk_elements.
 LOOKUP_CODE_BLOCK = 2048
+# A VQ code's neighbourhood for token perturbation when no k is given: its 8 nearest codes.
+DEFAULT_NEIGHBOURS = 8
 
 
 def _distributed() -> bool:
@@ -203,6 +205,38 @@ class VectorQuantizer(Quantizer):
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, N) long in [0, K) -> (B, N, D) float, the codes (projected back when factorized)."""
         return self.project_out(F.embedding(indices, self.codes()))
+
+    @torch.no_grad()
+    def nearest_codes(self, indices: torch.Tensor, k: int) -> torch.Tensor:
+        """(U,) long distinct codes -> (U, k) long: each code's k nearest other codes, nearest first,
+        by squared distance in the lookup space (normalised codes with ``use_cosine``). Computed for the
+        given codes only, in blocks of rows, so a large codebook never needs its K x K distances."""
+        codes = self.codes().detach().float()
+        norms = codes.pow(2).sum(dim=1)
+        rows = max(1, (self.lookup_chunk_elements or 2**22) // self.codebook_size)
+        nearest = []
+        for start in range(0, indices.numel(), rows):
+            chosen = indices[start:start + rows]
+            distances = torch.addmm(norms[None, :], codes[chosen], codes.t(), alpha=-2.0) + norms[chosen, None]
+            distances[torch.arange(chosen.numel(), device=chosen.device), chosen] = float("inf")  # not itself
+            nearest.append(distances.topk(k, dim=1, largest=False).indices)
+        return torch.cat(nearest)
+
+    def neighbourhood_size(self, k: int | None) -> int:
+        k = DEFAULT_NEIGHBOURS if k is None else k
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < self.codebook_size:
+            raise VistokError(f"the neighbourhood size k must be a whole number from 1 to {self.codebook_size - 1} "
+                              f"(the other codes of this {self.codebook_size}-code book), got {k!r}.")
+        return k
+
+    @torch.no_grad()
+    def neighbours(self, indices: torch.Tensor, k: int | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """One of each code's ``k`` nearest other codes (default 8), uniformly. Same shape as ``indices``."""
+        k = self.neighbourhood_size(k)
+        distinct, inverse = torch.unique(indices.reshape(-1), return_inverse=True)
+        pick = (uniform_like((inverse.numel(),), generator, indices.device) * k).long().clamp_max(k - 1)
+        return self.nearest_codes(distinct, k)[inverse, pick].reshape(indices.shape)
 
     # ------------------------------------------------------------------ training-time updates
     @torch.no_grad()

@@ -239,10 +239,11 @@ class TokenizerModule(pl.LightningModule):
         adversarial = self.discriminator is not None and self.global_step >= settings.adversarial.start
 
         if settings.proxy_weight > 0:  # two-stage TiTok, stage 1: the teacher's codes are the targets
-            out = two_stage.proxy_forward(self.tokenizer, self._teacher[0], images)
+            out = two_stage.proxy_forward(self.tokenizer, self._teacher[0], images, step=self.global_step)
             recon = None  # no pixel loss is on (checked in __init__)
         else:
-            out = self.tokenizer(images)  # training mode: lengths from the tail-token dropout, if any
+            # training mode: lengths from the tail-token dropout and perturbed tokens, where configured
+            out = self.tokenizer(images, step=self.global_step)
             recon = out.reconstruction
         zero = out.quantizer.loss.new_zeros(()).float()
         terms = dict.fromkeys(self.term_names, zero)
@@ -300,6 +301,8 @@ class TokenizerModule(pl.LightningModule):
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()})
         self.log_dict({f"train/quantizer_{name}": value for name, value in out.quantizer.stats.items()})
         self.log("train/mean_tokens", out.lengths.float().mean())
+        if out.perturbed is not None:
+            self.log("train/perturbed_fraction", out.perturbed.float().mean())
         if "skipped_total" in batch:  # samples the data loader dropped so far (vistok.data.datamodule.TrainLoader)
             self.log("train/num_skipped", torch.tensor(float(batch["skipped_total"])))  # CPU: no device copy
         if settings.proxy_weight > 0:

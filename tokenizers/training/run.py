@@ -127,8 +127,14 @@ def build_module(cfg: DictConfig) -> TokenizerModule:
     # init_from: the architecture and weights stored at that path replace the model/quantizer groups
     initial = finetune.read_initial_weights(cfg.init_from) if cfg.get("init_from") else None
     if initial is not None:
-        log.info("init_from %s: its %s architecture and weights (the model and quantizer groups do not apply)",
-                 initial.path, initial.config.get("arch"))
+        log.info("init_from %s: its %s architecture and weights (the model and quantizer groups do not apply, "
+                 "except model.token_perturb)", initial.path, initial.config.get("arch"))
+        # token perturbation is how this run trains, not architecture: post-training a loaded decoder on
+        # perturbed tokens ("Image Tokenizer Needs Post-Training") takes this run's setting, not the loaded one's
+        perturb = cfg.model.get("token_perturb") if "model" in cfg else None
+        initial.config = {key: value for key, value in initial.config.items() if key != "token_perturb"}
+        if perturb is not None:
+            initial.config["token_perturb"] = plain(perturb)
     module = TokenizerModule(tokenizer=initial.config if initial else tokenizer_config(cfg), loss=plain(cfg.loss),
                              optim=plain(cfg.optim), ema=plain(cfg.ema), validation=plain(cfg.validation),
                              compile=bool(cfg.compile), teacher=cfg.get("teacher"))

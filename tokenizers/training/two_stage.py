@@ -37,6 +37,7 @@ class ProxyOutput:
     lengths: torch.Tensor
     loss: torch.Tensor
     accuracy: torch.Tensor
+    perturbed: torch.Tensor | None = None
 
 
 def load_teacher(path: str | os.PathLike):
@@ -75,9 +76,10 @@ def copy_teacher(tokenizer, teacher) -> None:
     tokenizer.decoder.pixel_decoder.load_state_dict(teacher.decoder.state_dict())
 
 
-def proxy_forward(tokenizer, teacher, images: torch.Tensor) -> ProxyOutput:
+def proxy_forward(tokenizer, teacher, images: torch.Tensor, step: int | None = None) -> ProxyOutput:
     """Stage 1: images (B, 3, H, W) in [0, 1] -> cross-entropy of the 1D decoder's proxy-code logits
-    against the teacher's codes (mean over cells), as TiTok's stage-1 loss."""
+    against the teacher's codes (mean over cells), as TiTok's stage-1 loss. A configured token
+    perturbation applies here as in the forward pass (``step`` sets its warm-up)."""
     if next(teacher.parameters()).device != images.device:
         teacher.to(images.device)
     with torch.no_grad():
@@ -86,9 +88,12 @@ def proxy_forward(tokenizer, teacher, images: torch.Tensor) -> ProxyOutput:
     lengths = None
     if tokenizer.token_dropout is not None:
         lengths = tokenizer.token_dropout.sample(images.shape[0], tokenizer.max_tokens, images.device)
-    logits = tokenizer.decoder.proxy_logits(quantized.quantized, lengths)  # (B, g*g, codes)
+    codes, perturbed = quantized.quantized, None
+    if tokenizer.training and tokenizer.token_perturb is not None:
+        codes, perturbed = tokenizer.token_perturb(tokenizer.quantizer, codes, quantized.indices, step)
+    logits = tokenizer.decoder.proxy_logits(codes, lengths)  # (B, g*g, codes)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     accuracy = (logits.argmax(-1) == targets).float().mean().detach()
     if lengths is None:
         lengths = torch.full((images.shape[0],), tokenizer.max_tokens, dtype=torch.long, device=images.device)
-    return ProxyOutput(quantized, lengths, loss, accuracy)
+    return ProxyOutput(quantized, lengths, loss, accuracy, perturbed)
