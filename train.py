@@ -227,16 +227,22 @@ def _one_sentence(error: Exception) -> str:
 def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     """Check the overrides in ``argv`` (default: the command line), then train through Hydra.
 
-    Returns the exit status: 0 after training, 2 for settings refused before training.
+    Returns the exit status: 0 after training, 2 for settings refused before training, 130 for
+    Ctrl-C before training started (during training, Ctrl-C or SIGTERM saves a checkpoint and
+    exits with 128 + the signal's number).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    problem = compose_problem(argv)
-    if problem is not None:
-        print(f"{prog}: error: {problem}", file=sys.stderr)
-        return 2
-    _LAUNCH.update(prog=prog, argv=list(sys.argv))
-    sys.argv = [sys.argv[0], *argv]  # @hydra.main reads its overrides from sys.argv[1:]
-    _train()
+    try:
+        problem = compose_problem(argv)
+        if problem is not None:
+            print(f"{prog}: error: {problem}", file=sys.stderr)
+            return 2
+        _LAUNCH.update(prog=prog, argv=list(sys.argv))
+        sys.argv = [sys.argv[0], *argv]  # @hydra.main reads its overrides from sys.argv[1:]
+        _train()
+    except KeyboardInterrupt:  # Ctrl-C before training started, or twice: there is nothing to save
+        print(f"{prog}: interrupted.", file=sys.stderr)
+        return 130
     return 0
 
 
