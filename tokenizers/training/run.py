@@ -166,7 +166,12 @@ def resumable_step(path: Path) -> int:
 
 
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
-    """Refuse ``resume=auto`` with the dated default run_dir, and a run_dir that cannot be written."""
+    """Refuse ``resume=auto`` with the dated default run_dir, and a run_dir that cannot be written.
+
+    The command line's check (train.py, before Hydra creates the folder); :func:`run_training`
+    checks only that ``run_dir`` can be written, since a caller from Python or a sweep passes the
+    folder itself.
+    """
     raw = OmegaConf.to_container(cfg, resolve=False).get("run_dir")
     if cfg.get("resume") == "auto" and isinstance(raw, str) and "${now:" in raw:
         raise VistokError("resume=auto continues the run in run_dir, but run_dir is the dated default (a new folder at each "
@@ -314,7 +319,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     start = time.monotonic()
     run_dir = Path(run_dir).resolve()
     check_top_level(cfg)
-    check_run_dir(cfg, run_dir)
+    check_writable(run_dir, "run_dir")
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
