@@ -162,14 +162,14 @@ def compose_problem(argv: list[str]) -> str | None:
     try:
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             cfg = compose("train", overrides=overrides)
-    except ConfigCompositionException as error:
-        return _unknown_key(error, overrides) or _one_sentence(error)
     except MissingConfigException as error:
         group, _, choice = str(error.missing_cfg_file or "").rpartition("/")
         if group and error.options is not None:
             where = f"configs/{group}/" + (" or your --config-dir" if config_dirs else "")
             return f"unknown {group} '{choice}'; choose one of {', '.join(sorted(error.options))} (files in {where})."
         return _one_sentence(error)
+    except ConfigCompositionException as error:  # after MissingConfigException, one of its kind
+        return _unknown_key(error, overrides) or _one_sentence(error)
     except HydraException as error:
         return _one_sentence(error)
     return _run_dir_problem(cfg)

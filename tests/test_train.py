@@ -249,15 +249,21 @@ def test_every_setting_has_one_default_and_it_is_train_yaml(make_cfg):
 
 
 def test_train_py_config_errors_exit_2_with_one_sentence(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint\n")
     for args, message in (
         (["quantizer=nope"], "unknown quantizer 'nope'; choose one of fsq, fsq_flextok, gaussian, lfq, soft, vq, vq_titok, vq_vqgan"),
         (["validation.token_counts=[1,64]", f"run_dir={tmp_path / 'run'}"], "validation.token_counts has 64"),
+        ([f"run_dir={tmp_path / 'a-file' / 'run'}"], f"run_dir {tmp_path / 'a-file' / 'run'} is inside {tmp_path / 'a-file'}, which is a file"),
+        # refused inside the run, after Hydra made the dated run folder: the folder goes again
+        ([f"resume={tmp_path / 'notes.ckpt'}"], f"{tmp_path / 'notes.ckpt'} is not a PyTorch checkpoint"),
     ):
         result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True, check=False,
                                 text=True, timeout=180)
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith("train.py: error: ")
         assert message in result.stderr and "Traceback" not in result.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "notes.ckpt"], args  # no run folder left
 
 
 def test_resume_auto_picks_the_newest_checkpoint(tmp_path):
@@ -296,10 +302,14 @@ def test_ddp_two_cpu_processes_keep_weights_and_vq_codebook_identical(data_dir, 
             "trainer.devices=2", "trainer.precision=32-true", "logger=none", f"run_dir={run_dir}",
             "quantizer=vq", "quantizer.dim=4", "quantizer.codebook_size=64", "quantizer.ema=true",
             "quantizer.dead_code_steps=1", "+quantizer.restart_samples_per_step=8"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)}
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True, check=False,
                             text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    # the thumbnail baseline is reduced over both ranks like the metrics: the same images in both columns
+    header = next(line for line in result.stdout.splitlines() if line.startswith("validation at step 4 (EMA weights, "))
+    images = int(header.split(", ")[1].split()[0])
+    assert images == 2 * 8 and f"bicubically ({images} images)" in result.stdout, result.stdout
     report = json.loads((run_dir / "rank_consistency.json").read_text())
     assert report["world_size"] == 2 and report["step"] == 4 and report["differing"] == []
     rank0, rank1 = report["ranks"]
