@@ -227,6 +227,7 @@ def test_settings_are_checked_before_training(data_dir, tmp_path, make_cfg):
 def test_every_setting_has_one_default_and_it_is_train_yaml(make_cfg):
     from dataclasses import MISSING, fields, is_dataclass
 
+    from vistok.tokenizers.containers import plain
     from vistok.tokenizers.training import settings
     from vistok.tokenizers.training.module import TokenizerModule
 
@@ -542,3 +543,27 @@ def test_finite_check_runs_at_the_logging_interval_by_default_with_no_host_sync_
     assert dict(audit_training_step(tokenizer, images, steps=3).syncs) == {}  # log_every_n_steps is 50
     every_step = audit_training_step(tokenizer, images, steps=3, optim={"finite_check_every": 1})
     assert dict(every_step.syncs) == {"_local_scalar_dense": 3}
+
+
+class BarReader(pl.Callback):
+    """What the progress bar shows after each step."""
+
+    def __init__(self) -> None:
+        self.shown: list[tuple[int, int, str]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        bar = trainer.progress_bar_callback.train_progress_bar
+        self.shown.append((bar.n, bar.total, bar.desc))
+
+
+def test_progress_bar_on_a_terminal_counts_steps_to_max_steps_with_the_loss(data_dir, tmp_path, make_cfg, run_with, capsys):
+    from vistok.tokenizers.training.callbacks import StepProgressBar
+
+    args = with_setting(tiny_overrides(data_dir, steps=4, val_every=500), "trainer.enable_progress_bar=true")
+    reader = BarReader()
+    run_with(make_cfg(*args, "trainer.log_every_n_steps=2", "+callbacks.progress.terminal=true"), tmp_path, reader)
+    assert [(n, total) for n, total, _ in reader.shown] == [(1, 4), (2, 4), (3, 4), (4, 4)]  # not 50-step epochs
+    assert reader.shown[-1][2].startswith("step")
+    out = capsys.readouterr().out
+    assert "4/4" in out and "loss=" in out
+    assert not StepProgressBar(terminal=False).is_enabled  # a log file gets plain lines instead (see the Ctrl-C test)

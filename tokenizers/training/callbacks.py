@@ -153,7 +153,7 @@ class FinishAtLastStep(pl.Callback):
         saved = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last
                  and getattr(cb, "_last_global_step_saved", -1) == step]
         if not saved:
-            trainer.save_checkpoint(str(self.run_dir / "checkpoints" / "last.ckpt"))
+            trainer.save_checkpoint(str(self.run_dir / "checkpoints" / "last.ckpt"), weights_only=False)
 
 
 class ThumbnailBaseline(pl.Callback):
@@ -267,6 +267,6 @@ class StepProgressBar(TQDMProgressBar):
         began, first = self._start
         if step > first and now > began:
             per_s = (step - first) / (now - began)
-            left = (trainer.max_steps - step) / per_s
-            shown += f"{', ' if shown else ''}{per_s:.3g} steps/s, {time.strftime('%H:%M:%S', time.gmtime(left))} left"
+            hours, seconds = divmod(round((trainer.max_steps - step) / per_s), 3600)
+            shown += f"{', ' if shown else ''}{per_s:.3g} steps/s, {hours}:{seconds // 60:02d}:{seconds % 60:02d} left"
         return shown

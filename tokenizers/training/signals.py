@@ -117,5 +117,5 @@ class StopOnSignal(SignalAtStepBoundary):
         path = self.run_dir / "checkpoints" / "last.ckpt"
         if trainer.is_global_zero:
             log.info("%s: saving %s at step %d", signal.Signals(signum).name, path, trainer.global_step)
-        trainer.save_checkpoint(str(path))  # every rank: it ends in a barrier
+        trainer.save_checkpoint(str(path), weights_only=False)  # every rank: it ends in a barrier
         raise Interrupted(signum, trainer.global_step, path, self.run_dir)

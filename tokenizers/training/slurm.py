@@ -97,7 +97,7 @@ class SlurmRequeue(SignalAtStepBoundary):
         path = next_hpc_checkpoint(trainer.default_root_dir)
         if trainer.is_global_zero:
             log.info("SLURM signal %s: saving %s at step %d", signal.Signals(self.signum).name, path, trainer.global_step)
-        trainer.save_checkpoint(str(path))  # every rank: it ends in a barrier
+        trainer.save_checkpoint(str(path), weights_only=False)  # every rank: it ends in a barrier
         requeued = self._requeue() if trainer.is_global_zero else False
         requeued = trainer.strategy.broadcast(requeued, src=0)
         if requeued:
