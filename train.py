@@ -172,7 +172,9 @@ def compose_problem(argv: list[str]) -> str | None:
         return _unknown_key(error, overrides) or _one_sentence(error)
     except HydraException as error:
         return _one_sentence(error)
-    return _run_dir_problem(cfg)
+    # A launcher (hydra/launcher=slurm) runs each job of a sweep in the sweep's folder, not run_dir.
+    launched = any(override.key_or_group.startswith(("hydra/launcher", "hydra.sweep")) for override in parsed)
+    return None if launched else _run_dir_problem(cfg)
 
 
 def _run_dir_problem(cfg: DictConfig) -> str | None:

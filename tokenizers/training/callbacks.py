@@ -31,9 +31,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.loggers import WandbLogger
-
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import WandbLogger
 
 from vistok.tokenizers.atomic import atomic_write, atomic_write_json
 

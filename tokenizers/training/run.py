@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -42,7 +41,6 @@ from vistok.tokenizers.training.callbacks import (
     FinishAtLastStep,
     RankConsistencyCheck,
     RunArtifacts,
-    StepProgressBar,
     ThumbnailBaseline,
 )
 from vistok.tokenizers.errors import VistokError
@@ -312,6 +310,10 @@ def check_top_level(cfg: DictConfig) -> None:
 
 def run_training(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     """Check ``cfg``, train, and return the results; raises VistokError before training for bad settings.
+
+    Before the first step: ``run_dir`` can be written, the resume checkpoint loads, and temporary
+    files a killed write left in ``run_dir`` are removed. Ctrl-C or SIGTERM during training raises
+    :class:`~vistok.tokenizers.training.signals.Interrupted` after saving ``checkpoints/last.ckpt``.
 
     A NaN/inf loss raises :class:`~vistok.tokenizers.training.module.TrainingDiverged` (with the step and terms);
     checkpoints written before it stay in ``run_dir``.
