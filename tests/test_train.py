@@ -567,3 +567,37 @@ def test_progress_bar_on_a_terminal_counts_steps_to_max_steps_with_the_loss(data
     out = capsys.readouterr().out
     assert "4/4" in out and "loss=" in out
     assert not StepProgressBar(terminal=False).is_enabled  # a log file gets plain lines instead (see the Ctrl-C test)
+
+
+THUMBNAIL_RANK = """
+import os, sys, torch
+from types import SimpleNamespace
+from vistok.tokenizers.training.callbacks import ThumbnailBaseline
+rank = int(os.environ["RANK"])
+torch.distributed.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=rank, world_size=2)
+images = torch.rand(3 + 2 * rank, 3, 16, 16, generator=torch.Generator().manual_seed(rank))  # uneven shares
+module = SimpleNamespace(tokenizer=SimpleNamespace(codebook_size=32, token_dim=4), val_token_counts=[2, 8],
+                         device=torch.device("cpu"))
+trainer = SimpleNamespace(sanity_checking=False)
+baseline = ThumbnailBaseline()
+baseline.on_validation_epoch_start(trainer, module)
+baseline.on_validation_batch_end(trainer, module, None, {"image": images}, 0)
+baseline.on_validation_epoch_end(trainer, module)
+torch.save({"psnr": baseline.psnr, "images": baseline.images, "mine": images}, sys.argv[2] + f"/rank{rank}.pt")
+"""
+
+
+def test_thumbnail_baseline_is_reduced_over_ranks_like_the_metrics(tmp_path):
+    from vistok.eval.baselines import thumbnail_reconstruct
+    from vistok.eval.metrics import bits_per_image, psnr_per_image
+
+    ranks = [subprocess.Popen([sys.executable, "-c", THUMBNAIL_RANK, str(tmp_path / "init"), str(tmp_path)], cwd=tmp_path,
+                              env={**os.environ, "RANK": str(rank)}) for rank in range(2)]
+    assert [rank.wait(timeout=240) for rank in ranks] == [0, 0]
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    union = torch.cat([result["mine"] for result in results])
+    for result in results:  # both ranks report the PSNR of all 8 images, not of their own 3 or 5
+        assert result["images"] == 8
+        for k in (2, 8):
+            expected = psnr_per_image(thumbnail_reconstruct(union, bits_per_image(k, 32, 4)), union).mean().item()
+            assert math.isclose(result["psnr"][k], expected, rel_tol=1e-9), (k, result["psnr"][k], expected)
