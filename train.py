@@ -90,7 +90,11 @@ def _remove_unstarted(run_dir: Path) -> None:
 
     if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= _HYDRA_FILES:
         return
-    logging.shutdown()  # closes Hydra's handle on train.log
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        if Path(handler.baseFilename).parent == run_dir:  # Hydra's train.log: a later message would recreate it
+            root.removeHandler(handler)
+            handler.close()
     shutil.rmtree(run_dir, ignore_errors=True)
     cwd = Path.cwd().resolve()
     for parent in run_dir.resolve().parents:

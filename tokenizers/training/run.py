@@ -346,7 +346,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         best_psnr=float(checkpoint.best_model_score) if best is not None and checkpoint.best_model_score is not None else None,
         ema=module.ema is not None,
     )
-    if trainer.is_global_zero and result.metrics:
+    if trainer.is_global_zero:
         tokenizer = module.tokenizer
         baseline = next(cb for cb in trainer.callbacks if isinstance(cb, ThumbnailBaseline))
         result.table = summary_table(result, tokenizer.codebook_size, tokenizer.token_dim, baseline.psnr, baseline.images)
@@ -367,20 +367,26 @@ def _write_config(cfg: DictConfig, run_dir: Path) -> None:
 
 def summary_table(result: TrainResult, codebook_size: int | None, token_dim: int,
                   baseline: dict[int, float], baseline_images: int) -> str:
-    """Plain-text table: per token count the bits, PSNR, SSIM and the thumbnail codec's PSNR at those bits."""
+    """Plain-text table: per token count the bits, PSNR, SSIM and the thumbnail codec's PSNR at those bits.
+
+    Then the checkpoint, grid and run folder; a run that never validated gets those lines only.
+    """
     from vistok.eval.metrics import bits_per_image
 
-    weights = "EMA weights" if result.ema else "weights"
-    lines = [f"validation at step {result.step} ({weights}, {result.metrics.get('val/images', 0):.0f} images)",
-             f"{'tokens':>6} {'bits':>6} {'PSNR dB':>8} {'SSIM':>6} {'thumbnail PSNR dB':>18}"]
-    for k in result.token_counts:
-        bits = bits_per_image(k, codebook_size, token_dim)
-        psnr = result.metrics.get(f"val/psnr@{k}", float("nan"))
-        ssim = result.metrics.get(f"val/ssim@{k}", float("nan"))
-        thumb = f"{baseline[k]:18.2f}" if k in baseline else f"{'-':>18}"
-        lines.append(f"{k:>6} {bits:>6.0f} {psnr:>8.2f} {ssim:>6.3f} {thumb}")
-    lines.append(f"thumbnail: each image shrunk to the largest 8-bit RGB thumbnail that fits the bits and scaled back "
-                 f"bicubically ({baseline_images} images)")
+    if not result.metrics:
+        lines = [f"no validation data (data.val_urls is null): no metrics at step {result.step}"]
+    else:
+        weights = "EMA weights" if result.ema else "weights"
+        lines = [f"validation at step {result.step} ({weights}, {result.metrics.get('val/images', 0):.0f} images)",
+                 f"{'tokens':>6} {'bits':>6} {'PSNR dB':>8} {'SSIM':>6} {'thumbnail PSNR dB':>18}"]
+        for k in result.token_counts:
+            bits = bits_per_image(k, codebook_size, token_dim)
+            psnr = result.metrics.get(f"val/psnr@{k}", float("nan"))
+            ssim = result.metrics.get(f"val/ssim@{k}", float("nan"))
+            thumb = f"{baseline[k]:18.2f}" if k in baseline else f"{'-':>18}"
+            lines.append(f"{k:>6} {bits:>6.0f} {psnr:>8.2f} {ssim:>6.3f} {thumb}")
+        lines.append(f"thumbnail: each image shrunk to the largest 8-bit RGB thumbnail that fits the bits and scaled back "
+                     f"bicubically ({baseline_images} images)")
     if "val/usage" in result.metrics:
         lines.append(f"codebook usage {result.metrics['val/usage']:.1%}, perplexity {result.metrics.get('val/perplexity', float('nan')):.1f} "
                      f"at {result.token_counts[-1]} tokens")
