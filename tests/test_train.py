@@ -601,3 +601,13 @@ def test_thumbnail_baseline_is_reduced_over_ranks_like_the_metrics(tmp_path):
         for k in (2, 8):
             expected = psnr_per_image(thumbnail_reconstruct(union, bits_per_image(k, 32, 4)), union).mean().item()
             assert math.isclose(result["psnr"][k], expected, rel_tol=1e-9), (k, result["psnr"][k], expected)
+
+
+def test_periodic_checkpoints_are_written_between_validations(data_dir, tmp_path, make_cfg, run_with):
+    cfg = make_cfg(*tiny_overrides(data_dir, steps=8, val_every=500), "callbacks.periodic.every_n_train_steps=2",
+                   "callbacks.periodic.train_time_interval=null")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_with(cfg, tmp_path, Recorder(crash_at=5))
+    assert not (tmp_path / "metrics.json").exists()  # no validation ran
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["last.ckpt"]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 4
