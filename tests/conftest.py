@@ -79,3 +79,37 @@ def save_pngs(images, folder):
     for i, image in enumerate(images):
         Image.fromarray(image.mul(255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
     return folder
+
+
+@pytest.fixture(scope="session")
+def make_cfg():
+    """``make_cfg(*overrides)``: configs/train.yaml composed with Hydra's compose API, as ``vistok train`` would."""
+    from hydra import compose, initialize_config_dir
+
+    from vistok.tokenizers.training.settings import CONFIG_DIR
+
+    def compose_train(*overrides: str):
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            return compose("train", overrides=list(overrides))
+
+    return compose_train
+
+
+@pytest.fixture
+def run_with(monkeypatch):
+    """``run_with(cfg, run_dir, *callbacks)``: run_training with extra Lightning callbacks appended
+    (tests observe or interrupt the run through them); returns its TrainResult."""
+    from vistok.tokenizers.training import run as training
+
+    def run(cfg, run_dir, *callbacks):
+        original = training.build_callbacks
+
+        def patched(*args, **kwargs):
+            built, artifacts = original(*args, **kwargs)
+            return built + list(callbacks), artifacts
+
+        with monkeypatch.context() as patch:
+            patch.setattr(training, "build_callbacks", patched)
+            return training.run_training(cfg, run_dir)
+
+    return run

@@ -42,6 +42,8 @@ def test_runs_in_process_and_writes_every_section(tmp_path, capsys):
         assert isinstance(row["peak_memory_bytes"], int)
         assert row["batch"] == 2 and row["image_size"] == 16 and row["precision"] == "fp32" and not row["compile"]
         assert row["host_sync_ops"] == {}, row["host_sync_ops"]  # the training step never waits on the host
+        # nor does the LightningModule's training_step around it (NaN guard, EMA, logging)
+        assert row["training_step_host_sync_ops"] == {} and row["training_step_audited_steps"] == 3, row
     assert any("scaled_dot_product" in op for op in train["titok:tiny"]["attention_ops"])
 
     codec = {row["model"]: row for row in report["codec"]}

@@ -11,7 +11,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from vistok.tokenizers.errors import VistokError
@@ -19,7 +18,6 @@ from vistok.tokenizers.export import load
 from vistok.tokenizers.imports import import_tokenizer
 from vistok.tokenizers.imports.common import write_import
 from vistok.tokenizers.training import run as training
-from vistok.tokenizers.training.settings import CONFIG_DIR
 
 REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference"
 TINY_TITOK = ["model.image_size=16", "model.patch_size=4", "model.num_tokens=8", "model.width=16", "model.depth=1",
@@ -32,11 +30,6 @@ def overrides(data_dir: Path, steps: int) -> list[str]:
             f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.limit_val_batches=1",
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "optim.warmup_steps=1",
             "optim.lr=1e-3", "validation.grid_images=0"]
-
-
-def make_cfg(*items: str):
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=list(items))
 
 
 class Snapshots(pl.Callback):
@@ -56,22 +49,6 @@ def clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def run(cfg, run_dir: Path) -> Snapshots:
-    snapshots = Snapshots()
-    original = training.build_callbacks
-
-    def with_snapshots(*args, **kwargs):
-        built, artifacts = original(*args, **kwargs)
-        return built + [snapshots], artifacts
-
-    training.build_callbacks = with_snapshots
-    try:
-        training.run_training(cfg, run_dir)
-    finally:
-        training.build_callbacks = original
-    return snapshots
-
-
 def part(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith(name + ".")}
 
@@ -86,15 +63,16 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def titok_checkpoint(data_dir, tmp_path_factory) -> Path:
+def titok_checkpoint(data_dir, tmp_path_factory, make_cfg) -> Path:
     run_dir = tmp_path_factory.mktemp("pretrain")
     training.run_training(make_cfg(*TINY_TITOK, *overrides(data_dir, steps=2)), run_dir)
     return next(run_dir.rglob("last.ckpt"))
 
 
-def test_init_from_a_checkpoint_starts_fresh_and_freeze_decoder_trains_only_the_rest(titok_checkpoint, data_dir, tmp_path):
+def test_init_from_a_checkpoint_starts_fresh_and_freeze_decoder_trains_only_the_rest(titok_checkpoint, data_dir, tmp_path, make_cfg, run_with):
     cfg = make_cfg(*overrides(data_dir, steps=3), f"init_from={titok_checkpoint}", "freeze=[decoder]")  # 16 px from the checkpoint
-    snap = run(cfg, tmp_path)
+    snap = Snapshots()
+    run_with(cfg, tmp_path, snap)
     model = load(titok_checkpoint)  # the checkpoint's EMA weights, as export writes them
     initial = model.state_dict()
     assert snap.step == 0  # a fresh run: step, optimizer and schedule start over
@@ -106,7 +84,7 @@ def test_init_from_a_checkpoint_starts_fresh_and_freeze_decoder_trains_only_the_
     assert snap.optimized == len(list(model.parameters())) - len(list(model.decoder.parameters()))
 
 
-def test_decoder_only_fine_tune_of_an_imported_llamagen(data_dir, tmp_path):
+def test_decoder_only_fine_tune_of_an_imported_llamagen(data_dir, tmp_path, make_cfg, run_with):
     state = load_file(str(REFERENCE / "llamagen_vq16_tiny.state_dict.safetensors"))
     torch.save({"model": state, "args": argparse.Namespace(vq_model="VQ-16")}, tmp_path / "vq_ds16_c2i.pt")
     imported = import_tokenizer("llamagen", tmp_path / "vq_ds16_c2i.pt", image_size=32)
@@ -114,7 +92,8 @@ def test_decoder_only_fine_tune_of_an_imported_llamagen(data_dir, tmp_path):
 
     # data.image_size follows the imported model's 32 px, not the model group's
     cfg = make_cfg(*overrides(data_dir, steps=2), f"init_from={export}", "freeze=[encoder,quantizer]")
-    snap = run(cfg, tmp_path / "run")
+    snap = Snapshots()
+    run_with(cfg, tmp_path / "run", snap)
     initial = imported.tokenizer.state_dict()
     assert same(snap.start, initial)
     for name in ("encoder", "quantizer"):
@@ -133,7 +112,7 @@ def test_decoder_only_fine_tune_of_an_imported_llamagen(data_dir, tmp_path):
     ("freeze=[encoder,quantizer,decoder]", "nothing to train"),
     ("init_from=/nonexistent/export", "does not exist"),
 ])
-def test_bad_fine_tune_settings_are_refused_before_training(data_dir, tmp_path, setting, message):
+def test_bad_fine_tune_settings_are_refused_before_training(data_dir, tmp_path, setting, message, make_cfg):
     with pytest.raises(VistokError, match=message):
         training.run_training(make_cfg(*TINY_TITOK, *overrides(data_dir, steps=2), setting), tmp_path)
     assert not list(tmp_path.rglob("*.ckpt"))

@@ -247,6 +247,13 @@ def test_sbatch_run_directory_of_an_array_element_and_an_explicit_one(tmp_path):
     assert f"run_dir='{project / 'old-runs' / 'vistok-4321'}'" in (tmp_path / "args").read_text().splitlines()
     assert (project / "old-runs" / "vistok-4321").is_dir()
 
+    # a key the user gives replaces the script's own (train.py refuses a key given twice)
+    subprocess.run(["bash", str(SBATCH_SCRIPT), "resume=old.ckpt", "+trainer.devices=2"], cwd=tmp_path, env=env, check=True,
+                   capture_output=True, timeout=60)
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[-2:] == ["resume=old.ckpt", "+trainer.devices=2"]
+    assert not any(arg.startswith(("resume=", "trainer.devices=")) for arg in args[:-2]) and "trainer=ddp" in args
+
 
 def test_sbatch_outside_a_checkout_runs_the_installed_vistok(tmp_path):
     """Submitted from a folder of one's own (no train.py there), the job runs `python -m vistok train`."""
@@ -411,7 +418,7 @@ def test_requeued_job_resumes_from_the_checkpoint_at_its_step(requeued_ddp_job):
     saved = _checkpoint(run_dir / "hpc_ckpt_1.ckpt")["global_step"]
     second_attempt = _attempt_logs(requeued_ddp_job["log"])[1]
     for rank in (0, 1):
-        assert re.search(rf"^{rank}: .*resuming from {re.escape(str(run_dir / 'hpc_ckpt_1.ckpt'))}$", second_attempt, re.M)
+        assert re.search(rf"^{rank}: .*resuming from {re.escape(str(run_dir / 'hpc_ckpt_1.ckpt'))} at step \d+$", second_attempt, re.M)
     resumed_steps = _logged_steps(run_dir / "logs" / "version_1" / "metrics.csv")
     assert min(resumed_steps) == saved and max(resumed_steps) == DDP_MAX_STEPS - 1
     final = _checkpoint(run_dir / "checkpoints" / "last.ckpt")

@@ -7,12 +7,18 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from vistok.tokenizers.errors import VistokError
+
+# The temporary name of a write in progress: "." + the target's name + "." + mkstemp's 8 random
+# characters + ".tmp" (e.g. ".best-0000080.ckpt.k2j_x9qa.tmp"); a killed process leaves it behind.
+_TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def current_umask() -> int:
@@ -32,7 +38,7 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -44,6 +50,18 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """The temporary files of :func:`atomic_path`'s naming in ``folder`` (not its subfolders).
+
+    Only a killed process leaves one behind; a caller that knows no write into ``folder`` is in
+    progress (a run starting) removes them. An absent folder has none.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _TEMP_NAME.match(p.name) and p.is_file() and not p.is_symlink())
 
 
 def check_writable(path: str | os.PathLike, label: str, *, folder: bool = True, create: bool = False) -> Path:

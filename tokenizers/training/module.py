@@ -171,6 +171,7 @@ class TokenizerModule(pl.LightningModule):
             self.term_names += ["generator", "adaptive_weight", "discriminator"]
         self.term_names.append("grad_norm")
         self._healthy: torch.Tensor | None = None  # device bool: every step so far was finite
+        self._step: torch.Tensor | None = None  # device long: the generator step of the latest _track_finite
         self._bad_step: torch.Tensor | None = None
         self._bad_values: torch.Tensor | None = None
 
@@ -296,6 +297,8 @@ class TokenizerModule(pl.LightningModule):
 
         self._track_finite(terms)
         every = self.optim_settings.finite_check_every
+        if every is None:  # null: at the logging interval, where Lightning reads the logged values back anyway
+            every = self.trainer.log_every_n_steps if self._trainer is not None else 1
         if every and self.global_step % every == 0:
             self.check_finite()
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()})
@@ -332,16 +335,22 @@ class TokenizerModule(pl.LightningModule):
     # ------------------------------------------------------------------ NaN / inf guard
 
     def _track_finite(self, terms: Mapping[str, torch.Tensor]) -> None:
-        """Record, on the device (no host sync), the first step whose terms were not all finite."""
+        """Record, on the device (no host sync), the first step whose terms were not all finite.
+
+        Called once per generator step, after it; the step count lives on the device too (set from
+        ``global_step`` once, then incremented there), so no step makes a host-to-device copy.
+        """
         values = torch.stack([terms[name].detach().float().reshape(()) for name in self.term_names])
         finite = torch.isfinite(values).all()
-        step = torch.tensor(self.global_step, device=values.device)
         if self._healthy is None:
             self._healthy = torch.ones((), dtype=torch.bool, device=values.device)
+            self._step = torch.full((), self.global_step, dtype=torch.long, device=values.device)
             self._bad_step = torch.zeros((), dtype=torch.long, device=values.device)
             self._bad_values = torch.zeros_like(values)
+        else:
+            self._step += 1
         newly_bad = self._healthy & ~finite
-        self._bad_step = torch.where(newly_bad, step, self._bad_step)
+        self._bad_step = torch.where(newly_bad, self._step, self._bad_step)
         self._bad_values = torch.where(newly_bad, values, self._bad_values)
         self._healthy = self._healthy & finite
 

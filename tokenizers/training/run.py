@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -35,12 +34,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vistok.tokenizers.atomic import atomic_write_text
+from vistok.tokenizers.atomic import atomic_write_text, check_writable, stale_temp_files
 from vistok.tokenizers.containers import plain
-from vistok.tokenizers.training.callbacks import AtomicCheckpointIO, RankConsistencyCheck, RunArtifacts
+from vistok.tokenizers.training.callbacks import (
+    AtomicCheckpointIO,
+    FinishAtLastStep,
+    RankConsistencyCheck,
+    RunArtifacts,
+    ThumbnailBaseline,
+)
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.training import finetune
 from vistok.tokenizers.training.module import TokenizerModule
+from vistok.tokenizers.training.signals import StopOnSignal
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +111,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
 
 
-def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from: None, ``"auto"`` (newest in run_dir, if any) or a path."""
+def resolve_resume(resume: Any, run_dir: Path) -> tuple[Path | None, int]:
+    """The checkpoint to continue from and its step: ``(None, 0)`` for a fresh start.
+
+    ``resume`` is None (a fresh run; refused if ``run_dir`` already holds checkpoints), ``"auto"``
+    (the newest checkpoint in ``run_dir`` that loads, saying so when a newer one does not) or a
+    path. Every candidate is read before training, so a text file, a truncated ``.ckpt`` or a
+    corrupted ``last.ckpt`` is one sentence (VistokError), not a traceback from inside ``fit``.
+    """
     existing = list_checkpoints(run_dir) if run_dir.is_dir() else []
     if resume is None:
         if existing:
@@ -114,13 +126,64 @@ def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
                 f"the run directory {run_dir} already holds checkpoints ({existing[0].name}); "
                 "continue that run with resume=auto, or start a new one with another run_dir."
             )
-        return None
+        return None, 0
     if resume == "auto":
-        return existing[0] if existing else None
+        if not existing:
+            log.info("no checkpoint in %s: starting at step 0", run_dir)
+            return None, 0
+        refused: list[str] = []
+        for path in existing:
+            try:
+                step = resumable_step(path)
+            except VistokError as error:
+                log.warning("%s", error)
+                refused.append(path.name)
+                continue
+            skipped = f" (newer {', '.join(refused)} did not load)" if refused else ""
+            log.info("resuming from %s at step %d%s", path, step, skipped)
+            return path, step
+        raise VistokError(f"none of the {len(existing)} checkpoint(s) in {run_dir} loads ({', '.join(refused)}; the warnings above "
+                          "say why); pass resume=PATH of an intact .ckpt, or move them away to start again at step 0.")
     path = Path(str(resume)).expanduser()
     if not path.is_file():
         raise VistokError(f"resume={resume} is neither 'auto' nor an existing checkpoint file; pass resume=auto or the path of a .ckpt.")
-    return path
+    step = resumable_step(path)
+    log.info("resuming from %s at step %d", path, step)
+    return path, step
+
+
+def resumable_step(path: Path) -> int:
+    """The step a training checkpoint continues from; VistokError if it does not load or holds no training state."""
+    from vistok.tokenizers.export import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    if not all(key in ckpt for key in ("optimizer_states", "loops", "global_step")):
+        raise VistokError(f"{path} holds a tokenizer's weights but no training state (optimizer, step) to resume; "
+                          f"start a new run from its weights with init_from={path} instead.")
+    return int(ckpt["global_step"])
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse ``resume=auto`` with the dated default run_dir, and a run_dir that cannot be written.
+
+    The command line's check (train.py, before Hydra creates the folder); :func:`run_training`
+    checks only that ``run_dir`` can be written, since a caller from Python or a sweep passes the
+    folder itself.
+    """
+    raw = OmegaConf.to_container(cfg, resolve=False).get("run_dir")
+    if cfg.get("resume") == "auto" and isinstance(raw, str) and "${now:" in raw:
+        raise VistokError("resume=auto continues the run in run_dir, but run_dir is the dated default (a new folder at each "
+                          "start); pass the folder of the run to continue, e.g. resume=auto run_dir=outputs/demo/<date>_<time>.")
+    check_writable(run_dir, "run_dir")
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Remove what killed writes left in ``run_dir``, ``checkpoints/`` and ``grids/`` (vistok's temp names only)."""
+    removed = [p for folder in (run_dir, run_dir / "checkpoints", run_dir / "grids") for p in stale_temp_files(folder)]
+    for path in removed:
+        path.unlink(missing_ok=True)
+        log.info("removed %s, left by a write that was killed", path)
+    return removed
 
 
 def build_module(cfg: DictConfig) -> TokenizerModule:
@@ -175,9 +238,10 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, validates: bool = True,
                     logs: bool = True) -> tuple[list[pl.Callback], RunArtifacts]:
     """The configured callbacks plus vistok's own.
 
-    ``validates=False`` (no validation data): checkpoints every ``trainer.val_check_interval``
-    steps without a best one. ``logs=False`` (logger=none): no learning-rate monitor, which
-    needs a logger to write to.
+    ``validates=False`` (no validation data): the best-checkpoint callback checkpoints every
+    ``trainer.val_check_interval`` steps without a best one. ``logs=False`` (logger=none): no
+    learning-rate monitor, which needs a logger to write to. ``trainer.enable_progress_bar=false``:
+    no progress bar callback.
     """
     callbacks: list[pl.Callback] = []
     for name, node in (cfg.get("callbacks") or {}).items():
@@ -185,16 +249,19 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, validates: bool = True,
             continue
         if not logs and str(node.get("_target_", "")).endswith("LearningRateMonitor"):
             continue
+        if not cfg.trainer.get("enable_progress_bar", True) and str(node.get("_target_", "")).endswith("ProgressBar"):
+            continue
         extra: dict[str, Any] = {}
         if str(node.get("_target_", "")).endswith("ModelCheckpoint"):
             extra["dirpath"] = str(run_dir / "checkpoints")
-            if not validates:
+            if not validates and node.get("monitor"):
                 log.warning("no validation data (data.val_urls is null): no best checkpoint, only last.ckpt")
                 interval = cfg.trainer.get("val_check_interval")
                 extra.update(monitor=None, save_top_k=0, every_n_train_steps=interval if isinstance(interval, int) else None)
         callbacks.append(_instantiate(node, f"callbacks.{name}", **extra))
     artifacts = RunArtifacts(run_dir)
-    return callbacks + [artifacts, RankConsistencyCheck(run_dir)], artifacts
+    return callbacks + [artifacts, ThumbnailBaseline(), FinishAtLastStep(run_dir), StopOnSignal(run_dir),
+                        RankConsistencyCheck(run_dir)], artifacts
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, logger: Any, callbacks: list[pl.Callback]) -> pl.Trainer:
@@ -250,23 +317,28 @@ def check_top_level(cfg: DictConfig) -> None:
 def run_training(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     """Check ``cfg``, train, and return the results; raises VistokError before training for bad settings.
 
+    Before the first step: ``run_dir`` can be written, the resume checkpoint loads, and temporary
+    files a killed write left in ``run_dir`` are removed. Ctrl-C or SIGTERM during training raises
+    :class:`~vistok.tokenizers.training.signals.Interrupted` after saving ``checkpoints/last.ckpt``.
+
     A NaN/inf loss raises :class:`~vistok.tokenizers.training.module.TrainingDiverged` (with the step and terms);
     checkpoints written before it stay in ``run_dir``.
     """
     start = time.monotonic()
     run_dir = Path(run_dir).resolve()
     check_top_level(cfg)
+    check_writable(run_dir, "run_dir")
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
-    ckpt_path = resolve_resume(cfg.resume, run_dir)
+    ckpt_path, _ = resolve_resume(cfg.resume, run_dir)
     logger = build_logger(cfg, run_dir)
     callbacks, artifacts = build_callbacks(cfg, run_dir, validates=getattr(datamodule, "val_urls", True) is not None,
                                            logs=logger is not False)
     trainer = build_trainer(cfg, run_dir, logger, callbacks)
+    if trainer.is_global_zero:
+        remove_stale_temp_files(run_dir)
     _write_config(cfg, run_dir)
-    if ckpt_path is not None:
-        log.info("resuming from %s", ckpt_path)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
 
@@ -280,11 +352,10 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         best_psnr=float(checkpoint.best_model_score) if best is not None and checkpoint.best_model_score is not None else None,
         ema=module.ema is not None,
     )
-    if trainer.is_global_zero and result.metrics:
+    if trainer.is_global_zero:
         tokenizer = module.tokenizer
-        baseline, count = thumbnail_baseline(datamodule, result.token_counts, tokenizer.codebook_size, tokenizer.token_dim,
-                                             max_images=int(result.metrics.get("val/images", 1024)))
-        result.table = summary_table(result, tokenizer.codebook_size, tokenizer.token_dim, baseline, count)
+        baseline = next(cb for cb in trainer.callbacks if isinstance(cb, ThumbnailBaseline))
+        result.table = summary_table(result, tokenizer.codebook_size, tokenizer.token_dim, baseline.psnr, baseline.images)
     return result
 
 
@@ -302,20 +373,26 @@ def _write_config(cfg: DictConfig, run_dir: Path) -> None:
 
 def summary_table(result: TrainResult, codebook_size: int | None, token_dim: int,
                   baseline: dict[int, float], baseline_images: int) -> str:
-    """Plain-text table: per token count the bits, PSNR, SSIM and the thumbnail codec's PSNR at those bits."""
+    """Plain-text table: per token count the bits, PSNR, SSIM and the thumbnail codec's PSNR at those bits.
+
+    Then the checkpoint, grid and run folder; a run that never validated gets those lines only.
+    """
     from vistok.eval.metrics import bits_per_image
 
-    weights = "EMA weights" if result.ema else "weights"
-    lines = [f"validation at step {result.step} ({weights}, {result.metrics.get('val/images', 0):.0f} images)",
-             f"{'tokens':>6} {'bits':>6} {'PSNR dB':>8} {'SSIM':>6} {'thumbnail PSNR dB':>18}"]
-    for k in result.token_counts:
-        bits = bits_per_image(k, codebook_size, token_dim)
-        psnr = result.metrics.get(f"val/psnr@{k}", float("nan"))
-        ssim = result.metrics.get(f"val/ssim@{k}", float("nan"))
-        thumb = f"{baseline[k]:18.2f}" if k in baseline else f"{'-':>18}"
-        lines.append(f"{k:>6} {bits:>6.0f} {psnr:>8.2f} {ssim:>6.3f} {thumb}")
-    lines.append(f"thumbnail: each image shrunk to the largest 8-bit RGB thumbnail that fits the bits and scaled back "
-                 f"bicubically ({baseline_images} images)")
+    if not result.metrics:
+        lines = [f"no validation data (data.val_urls is null): no metrics at step {result.step}"]
+    else:
+        weights = "EMA weights" if result.ema else "weights"
+        lines = [f"validation at step {result.step} ({weights}, {result.metrics.get('val/images', 0):.0f} images)",
+                 f"{'tokens':>6} {'bits':>6} {'PSNR dB':>8} {'SSIM':>6} {'thumbnail PSNR dB':>18}"]
+        for k in result.token_counts:
+            bits = bits_per_image(k, codebook_size, token_dim)
+            psnr = result.metrics.get(f"val/psnr@{k}", float("nan"))
+            ssim = result.metrics.get(f"val/ssim@{k}", float("nan"))
+            thumb = f"{baseline[k]:18.2f}" if k in baseline else f"{'-':>18}"
+            lines.append(f"{k:>6} {bits:>6.0f} {psnr:>8.2f} {ssim:>6.3f} {thumb}")
+        lines.append(f"thumbnail: each image shrunk to the largest 8-bit RGB thumbnail that fits the bits and scaled back "
+                     f"bicubically ({baseline_images} images)")
     if "val/usage" in result.metrics:
         lines.append(f"codebook usage {result.metrics['val/usage']:.1%}, perplexity {result.metrics.get('val/perplexity', float('nan')):.1f} "
                      f"at {result.token_counts[-1]} tokens")
@@ -327,22 +404,3 @@ def summary_table(result: TrainResult, codebook_size: int | None, token_dim: int
     lines.append(f"run:        {result.run_dir} ({result.step} steps, {result.seconds:.0f} s)")
     return "\n".join(lines)
 
-
-def thumbnail_baseline(datamodule: pl.LightningDataModule, token_counts: list[int], codebook_size: int | None,
-                       token_dim: int, max_images: int = 1024) -> tuple[dict[int, float], int]:
-    """PSNR of eval's thumbnail codec at each token count's bits on (up to) the first validation images.
-
-    Returns ({token count: PSNR}, number of images used).
-    """
-    from vistok.eval.baselines import thumbnail_psnr
-    from vistok.eval.metrics import bits_per_image
-
-    images: list[torch.Tensor] = []
-    for batch in datamodule.val_dataloader():
-        images.append(batch["image"])
-        if sum(len(x) for x in images) >= max_images:
-            break
-    if not images:
-        return {}, 0
-    stacked = torch.cat(images)[:max_images]
-    return {k: thumbnail_psnr(stacked, bits_per_image(k, codebook_size, token_dim)) for k in token_counts}, len(stacked)

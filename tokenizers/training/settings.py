@@ -64,7 +64,7 @@ class OptimSettings:
     warmup_steps: int
     min_lr_ratio: float
     grad_clip: float
-    finite_check_every: int
+    finite_check_every: int | None
 
 
 @dataclass
@@ -139,8 +139,8 @@ def check_ranges(loss: LossSettings, optim: OptimSettings, ema: EMASettings) -> 
         ("optim.warmup_steps", optim.warmup_steps, lambda v: v >= 0, ">= 0"),
         ("optim.min_lr_ratio", optim.min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
         ("optim.grad_clip", optim.grad_clip, lambda v: v >= 0, ">= 0 (0 = no clipping)"),
-        ("optim.finite_check_every", optim.finite_check_every, lambda v: isinstance(v, int) and v >= 0,
-         "an integer >= 0 (0 = only before checkpoints and validation)"),
+        ("optim.finite_check_every", optim.finite_check_every, lambda v: v is None or (isinstance(v, int) and v >= 0),
+         "an integer >= 0 (0 = only before checkpoints and validation) or null (every trainer.log_every_n_steps)"),
         ("optim.betas", optim.betas, lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
         ("ema.decay", ema.decay, lambda v: 0 <= v < 1, "in [0, 1)"),
     ]

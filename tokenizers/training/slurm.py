@@ -10,8 +10,8 @@ own answer, ``SLURMEnvironment(auto_requeue=True)``, saves ``hpc_ckpt_<n>.ckpt``
 middle of a backward pass, or with one rank inside a collective. Under DDP one rank then enters the
 checkpoint's barrier while another waits in the step's all-reduce/broadcast, and the job hangs until
 SLURM kills it, without a requeue (Lightning issue #21406, still so in Lightning 2.6; reproduced with two
-gloo ranks here). :class:`SlurmRequeue` does the same work at a step boundary instead: the handler only
-records the signal; after a training step the ranks agree (one all-reduce) that it arrived, all of them
+gloo ranks here). :class:`SlurmRequeue` does the same work at a step boundary instead
+(:mod:`~vistok.tokenizers.training.signals`): the handler only records the signal; after a training step the ranks agree (one all-reduce) that it arrived, all of them
 save the checkpoint through ``trainer.save_checkpoint`` (the checkpoint IO of the run, so the file is
 written atomically), rank 0 requeues the job, and every rank leaves training. So
 :func:`slurm_support` gives the trainer ``SLURMEnvironment(auto_requeue=False)`` plus this callback.
@@ -26,14 +26,13 @@ import os
 import re
 import signal
 import subprocess
-import threading
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from vistok.tokenizers.training.signals import SignalAtStepBoundary
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ def next_hpc_checkpoint(folder: str | Path) -> Path:
     return folder / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
 
 
-class SlurmRequeue(pl.Callback):
+class SlurmRequeue(SignalAtStepBoundary):
     """On SLURM's warning signal: save ``<default_root_dir>/hpc_ckpt_<n>.ckpt``, requeue the job, stop.
 
     Args:
@@ -79,20 +78,11 @@ class SlurmRequeue(pl.Callback):
     """
 
     def __init__(self, signum: int = REQUEUE_SIGNAL, check_every_n_steps: int = 10) -> None:
-        if check_every_n_steps < 1:
-            raise ValueError("check_every_n_steps must be >= 1")
+        super().__init__((signum,), check_every_n_steps)
         self.signum = signum
-        self.check_every_n_steps = check_every_n_steps
-        self.signalled = False
-        self._previous: Any = None
 
-    # Installed when training starts: after Lightning's signal connector has taken its snapshot of the
-    # handlers (its teardown then puts the previous one back, however fit ends), and before the training
-    # and validation loaders fork their workers, which inherit it: SLURM signals every process of the
-    # step, and a worker must not die of SIGUSR1's default action.
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(self.signum, self._on_signal)
+        super().on_train_start(trainer, pl_module)
         # One line per rank in the job's log: what SLURM gave this process and what the signal will do.
         environment = getattr(trainer.strategy, "cluster_environment", None)
         log.info("SLURM job %s: global rank %d of world size %d (node %d, local rank %d), cluster environment %s; "
@@ -100,39 +90,14 @@ class SlurmRequeue(pl.Callback):
                  trainer.node_rank, trainer.local_rank, type(environment).__name__ if environment else "none (one process)",
                  signal.Signals(self.signum).name, next_hpc_checkpoint(trainer.default_root_dir).name)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_handler()
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore_handler()  # fit ended by an exception (Requeued too): on_train_end is not called
-
-    def _restore_handler(self) -> None:
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(self.signum, self._previous)
-            self._previous = None
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # Runs between two bytecodes anywhere in the step: only record it.
-        self.signalled = True
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if trainer.world_size > 1:
-            if trainer.global_step % self.check_every_n_steps:
-                return
-            flag = torch.tensor(float(self.signalled), device=trainer.strategy.root_device)
-            if not bool(trainer.strategy.reduce(flag, reduce_op="max") > 0):
-                return
-        elif not self.signalled:
-            return
-        self.signalled = False
+    def act(self, trainer: pl.Trainer, signum: int) -> None:
         self._checkpoint_and_requeue(trainer)
 
     def _checkpoint_and_requeue(self, trainer: pl.Trainer) -> None:
         path = next_hpc_checkpoint(trainer.default_root_dir)
         if trainer.is_global_zero:
             log.info("SLURM signal %s: saving %s at step %d", signal.Signals(self.signum).name, path, trainer.global_step)
-        trainer.save_checkpoint(str(path))  # every rank: it ends in a barrier
+        trainer.save_checkpoint(str(path), weights_only=False)  # every rank: it ends in a barrier
         requeued = self._requeue() if trainer.is_global_zero else False
         requeued = trainer.strategy.broadcast(requeued, src=0)
         if requeued:
