@@ -206,3 +206,13 @@ def test_bad_input_is_one_sentence_and_exit_2(demo_ckpt, tmp_path, capsys):
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert cli_main(["probe", str(tmp_path / "missing"), "--train", "x", "--val", "y"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_resume_continues_the_probe_in_its_folder(demo_ckpt, demo_probe, sample_urls, cache_dir):
+    train, val = sample_urls
+    out = Path(demo_probe["files"]["json"]).parent
+    with pytest.raises(VistokError, match="already holds a trained probe; pass --resume"):
+        probe_tokenizer(demo_ckpt, train, val, out_dir=out, cache_dir=cache_dir, **PROBE)
+    again = probe_tokenizer(demo_ckpt, train, val, out_dir=out, cache_dir=cache_dir, resume=True, **PROBE)
+    assert again["settings"]["steps_trained"] == demo_probe["settings"]["steps_trained"] == 200  # finished: evaluated only
+    assert [r["ar_bits_per_image"] for r in again["rows"]] == pytest.approx([r["ar_bits_per_image"] for r in demo_probe["rows"]])
