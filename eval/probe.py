@@ -30,12 +30,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vistok.eval.metrics import ReconstructionFID, bits_per_token
-from vistok.eval.pretrained import load_inception, to_uint8
+from vistok.eval.metrics import ReconstructionEvaluator, ReconstructionFID, bits_per_token
+from vistok.eval.pretrained import load_inception
 from vistok.eval.rate_distortion import parse_token_counts
 from vistok.eval.report import format_table, write_csv
 from vistok.eval.score import batched, sized_images
 from vistok.tokenizers.atomic import atomic_write_json, check_writable
+from vistok.tokenizers.containers import plain
 from vistok.tokenizers.device import resolve_device
 from vistok.tokenizers.errors import VistokError
 
@@ -244,16 +245,6 @@ def linear_probe_accuracy(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y
         return float((linear(val_x).argmax(1) == val_y).double().mean())
 
 
-def gfid(inception: Any, samples: Tensor, real_images: Tensor) -> float:
-    """FID between decoded samples and real images, both (N, 3, H, W) in [0, 1], with rFID's handling."""
-    metric = ReconstructionFID(getattr(inception, "num_features", 2048))
-    with torch.no_grad():
-        for images, real in ((real_images, True), (samples, False)):
-            for part in images.split(64):
-                metric.update(inception(to_uint8(part.float())).float().cpu(), real=real)
-    return float(metric.compute())
-
-
 # --------------------------------------------------------------------------------------------
 # Config and training
 
@@ -292,7 +283,6 @@ def train_probe(cfg: Any, train: TokenSet, val: TokenSet, codebook_size: int, nu
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from vistok.tokenizers.containers import plain
     from vistok.tokenizers.training.probe_module import ProbeModule, TokenDataModule
     from vistok.tokenizers.training.run import build_logger, build_trainer, list_checkpoints, resolve_resume
 
@@ -315,7 +305,8 @@ def train_probe(cfg: Any, train: TokenSet, val: TokenSet, codebook_size: int, nu
                                  every_n_train_steps=interval if isinstance(interval, int) else None)
     trainer = build_trainer(cfg, run_dir, build_logger(cfg, run_dir), [checkpoint])
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    if trainer.global_step > 0 and not list_checkpoints(run_dir):
+    if trainer.global_step > 0 and not checkpoint.last_model_path:
+        # max_steps not a multiple of the interval: keep the final weights too (every rank decides alike)
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     return module if trainer.is_global_zero else None
 
@@ -408,27 +399,39 @@ def probe_tokenizer(tokenizer: Any | str | os.PathLike, train: str, val: str, *,
     samples_info: dict[str, Any] = {"num": num_samples, "temperature": temperature, "top_k": top_k}
     gfid_value = None
     if num_samples:
-        generator = torch.Generator(device=torch_device).manual_seed(int(cfg.seed))
-        sample_labels = val_set.labels.repeat(math.ceil(num_samples / len(val_set.labels)))[:num_samples].to(torch_device) if conditional else None
-        chunks = []
-        for s in range(0, num_samples, 256):
-            lab = sample_labels[s:s + 256] if sample_labels is not None else None
-            chunks.append(ar.sample(min(256, num_samples - s), lab, length=k_max, temperature=temperature, top_k=top_k, generator=generator))
-        sampled = torch.cat(chunks)
-        with torch.no_grad():
-            images = torch.cat([tokenizer.decode(part) for part in sampled.split(batch_size)]).float().cpu()
-        files["samples"] = str(write_sample_grid(images[:64], out_dir / "samples.png"))
-        samples_info["unigram_bits_per_token_of_samples"] = unigram_entropy(sampled.cpu(), codebook)
         inception, note = _inception(inception_weights)
         if note:
             notes.append(note.replace("rFID skipped", "gFID skipped"))
         elif num_samples < 2:
+            inception = None
             notes.append("gFID skipped: it needs at least 2 samples; pass --samples 2 or more.")
-        else:
-            inception = inception.to(torch_device).eval()
-            real = torch.cat(list(batched(sized_images(val, tokenizer.image_size, limit, True), batch_size)))
-            gfid_value = gfid(inception, images.to(torch_device), real.to(torch_device))
-            samples_info["gfid_real_images"] = len(real)
+        fid = ReconstructionFID(getattr(inception, "num_features", 2048)) if inception is not None else None
+        # rFID's feature path (8-bit uint8 into the FID Inception, autocast off), for gFID's two sides
+        features = ReconstructionEvaluator([k_max], inception=inception.eval(), ssim=False).inception_features if fid is not None else None
+        generator = torch.Generator(device=torch_device).manual_seed(int(cfg.seed))
+        sample_labels = val_set.labels.repeat(math.ceil(num_samples / len(val_set.labels)))[:num_samples] if conditional else None
+        grid: list[Tensor] = []
+        sampled: list[Tensor] = []
+        # samples are drawn, decoded and featurised chunk by chunk: only the grid's images are kept
+        for s in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - s)
+            lab = sample_labels[s:s + n].to(torch_device) if sample_labels is not None else None
+            tokens = ar.sample(n, lab, length=k_max, temperature=temperature, top_k=top_k, generator=generator)
+            with torch.no_grad():
+                images = tokenizer.decode(tokens).float()
+            sampled.append(tokens.cpu())
+            grid.append(images[: max(0, 64 - sum(len(g) for g in grid))].cpu())
+            if fid is not None:
+                fid.update(features(images).cpu(), real=False)
+        files["samples"] = str(write_sample_grid(torch.cat(grid), out_dir / "samples.png"))
+        samples_info["unigram_bits_per_token_of_samples"] = unigram_entropy(torch.cat(sampled), codebook)
+        if fid is not None:
+            real_images = 0
+            for images in batched(sized_images(val, tokenizer.image_size, limit, True), batch_size):
+                fid.update(features(images.to(torch_device)).cpu(), real=True)
+                real_images += len(images)
+            gfid_value = float(fid.compute())
+            samples_info["gfid_real_images"] = real_images
     linear = None
     if conditional:
         accuracy = linear_probe_accuracy(ar_features(ar, train_set.tokens), train_set.labels, ar_features(ar, val_set.tokens), val_set.labels)
@@ -445,7 +448,7 @@ def probe_tokenizer(tokenizer: Any | str | os.PathLike, train: str, val: str, *,
                  "limit": limit, "conditional": conditional, "num_classes": num_classes},
         "settings": {"model": model, "num_tokens": k_max, "token_counts": counts, "radices": list(ar.radices),
                      "parameters": sum(p.numel() for p in ar.parameters()), "steps_trained": int(module.global_step),
-                     "config": _plain(cfg), "samples": {k: v for k, v in samples_info.items() if k in ("num", "temperature", "top_k")},
+                     "config": plain(cfg), "samples": {k: v for k, v in samples_info.items() if k in ("num", "temperature", "top_k")},
                      "device": str(torch_device)},
         "cache": {"train": {"folder": str(train_set.folder), "reused": train_set.cached},
                   "val": {"folder": str(val_set.folder), "reused": val_set.cached}},
@@ -463,12 +466,6 @@ def probe_tokenizer(tokenizer: Any | str | os.PathLike, train: str, val: str, *,
     report["files"] = files
     atomic_write_json(out_dir / "probe.json", report)
     return report
-
-
-def _plain(cfg: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def _inception(weights: Any) -> tuple[Any, str | None]:

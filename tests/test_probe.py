@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from vistok.cli import main as cli_main
 from vistok.eval import probe as probe_lib
+from vistok.eval.pretrained import FIDInceptionV3
 from vistok.eval.probe import probe_tokenizer
 from vistok.tokenizers.ar import ARProbe, subcode_sizes
 from vistok.tokenizers.errors import VistokError
@@ -174,9 +175,11 @@ def test_class_labels_make_the_probe_conditional_with_a_linear_probe(tmp_path):
     train, val = write(tmp_path / "train.tar", 64), write(tmp_path / "val.tar", 32)
     torch.manual_seed(0)
     tokenizer = build_tokenizer(image_size=16, num_tokens=4).eval()
+    inception = FIDInceptionV3(None, features=64)  # randomly initialised: checks the gFID path, not its value
     report = probe_tokenizer(tokenizer, train, val, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache",
-                             **{**PROBE, "steps": 50, "num_samples": 4})
+                             **{**PROBE, "steps": 50, "num_samples": 4, "inception_weights": inception})
     assert report["data"]["conditional"] and report["data"]["num_classes"] == 2
+    assert report["samples"]["gfid_real_images"] == 32 and math.isfinite(report["gfid"]) and report["gfid"] > 0
     linear = report["linear_probe"]
     assert linear["majority_class_accuracy"] == 0.5
     assert linear["accuracy"] >= 0.9  # brightness is in the tokens, so in the AR model's features
