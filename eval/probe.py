@@ -487,7 +487,11 @@ def write_sample_grid(images: Tensor, path: Path) -> Path:
 
 def summary(report: dict[str, Any]) -> str:
     """The table printed at the end of `vistok probe`, then gFID, the linear probe and notes."""
-    lines = [format_table(report["rows"], SUMMARY_COLUMNS)]
+    settings, data = report["settings"], report["data"]
+    lines = [f"AR probe ({settings['model']}, {settings['parameters'] / 1e6:.2f}M parameters, {settings['steps_trained']} steps"
+             f"{', class-conditional' if data['conditional'] else ''}) trained on {data['train_images']} images' tokens, "
+             f"validation bits on {data['val_images']} images; unigram: entropy of the training tokens; codebook: log2(size)",
+             format_table(report["rows"], SUMMARY_COLUMNS)]
     if report.get("gfid") is not None:
         lines.append(f"gFID {report['gfid']:.2f} ({report['samples']['num']} samples vs {report['samples'].get('gfid_real_images')} validation images)")
     if report.get("linear_probe"):

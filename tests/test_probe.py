@@ -200,6 +200,17 @@ def test_soft_tokens_are_refused():
         probe_tokenizer(tokenizer, "unused", "unused")
 
 
+def test_the_command_prints_the_table(demo_ckpt, sample_urls, tmp_path, capsys):
+    train, val = sample_urls
+    argv = ["probe", str(demo_ckpt), "--train", train, "--val", val, "--steps", "5", "--samples", "0", "--limit", "32",
+            "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--set", "logger=none",
+            "--set", "trainer.enable_progress_bar=false"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "AR probe (tiny" in out and "5 steps" in out and "ar_bits_per_token" in out and "unigram_bits_per_token" in out
+    assert json.loads((tmp_path / "out" / "probe.json").read_text())["data"]["train_images"] == 32
+
+
 def test_bad_input_is_one_sentence_and_exit_2(demo_ckpt, tmp_path, capsys):
     common = ["probe", str(demo_ckpt), "--train", "sample", "--val", "sample", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c")]
     for extra, words in ((["--model", "huge"], "not a probe size"), (["--steps", "0"], "positive whole number"),
