@@ -356,7 +356,11 @@ def probe_tokenizer(tokenizer: Any | str | os.PathLike, train: str, val: str, *,
     prefixes = getattr(tokenizer, "decodes_prefixes", True)
     counts = parse_token_counts(num_tokens, tokenizer.max_tokens, prefixes)
     k_max = max(counts)
-    cfg = compose_probe_config(model, steps, resume, overrides, gpu=torch_device.type == "cuda")  # bad settings fail before encoding
+    cfg = compose_probe_config(model, steps, resume, overrides, gpu=torch_device.type == "cuda")
+    from vistok.tokenizers.training.run import instantiate_config
+
+    # bad probe settings fail before the encoding (the labels' classes are not known yet: none here)
+    instantiate_config(plain(cfg.probe), "probe", codebook_size=tokenizer.codebook_size, seq_len=k_max, num_classes=0)
     out_dir = Path(out_dir)
     check_writable(out_dir, "--out", create=True)
     cache_dir = Path(cache_dir)

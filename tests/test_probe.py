@@ -211,10 +211,12 @@ def test_the_command_prints_the_table(demo_ckpt, sample_urls, tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "probe.json").read_text())["data"]["train_images"] == 32
 
 
-def test_bad_input_is_one_sentence_and_exit_2(demo_ckpt, tmp_path, capsys):
+def test_bad_input_is_one_sentence_and_exit_2(demo_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(probe_lib, "encode_source", None)  # every refusal comes before any encoding
     common = ["probe", str(demo_ckpt), "--train", "sample", "--val", "sample", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c")]
     for extra, words in ((["--model", "huge"], "not a probe size"), (["--steps", "0"], "positive whole number"),
-                         (["--set", "optim.nope=1"], "bad probe setting")):
+                         (["--set", "optim.nope=1"], "bad probe setting"), (["--set", "probe.width=63"], "not divisible"),
+                         (["--temperature", "0"], "--temperature must be a positive number")):
         assert cli_main([*common, *extra]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -12,7 +12,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import SumMetric
@@ -40,7 +39,10 @@ class ProbeModule(pl.LightningModule):
                  optim: Mapping[str, Any], max_steps: int, class_dropout: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model: ARProbe = instantiate(dict(model), codebook_size=codebook_size, seq_len=seq_len, num_classes=num_classes)
+        from vistok.tokenizers.training.run import instantiate_config
+
+        self.model: ARProbe = instantiate_config(dict(model), "probe", codebook_size=codebook_size, seq_len=seq_len,
+                                                 num_classes=num_classes)
         self.optim = dict(optim)
         self.val_nll = SumMetric()
         self.val_count = SumMetric()
