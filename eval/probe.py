@@ -53,7 +53,9 @@ PROTOCOL = {
     "ar": ("decoder-only causal transformer (configs/probe/<model>.yaml) trained by next-token cross-entropy on the "
            "training set's token sequences of length K; class-conditional (start embedding = class) when every image has a label"),
     "ar_bits": ("validation NLL / ln 2 under the AR model, teacher-forced, mean over images; with labels, conditioned on the "
-                "true class. A prefix of k tokens scores the sum of its first k positions' NLL (exact for a causal model)"),
+                "true class. A prefix of k tokens scores the sum of its first k positions' NLL (exact for a causal model). "
+                "select=best (default): the weights of the validation check with the fewest bits (chosen on the same "
+                "validation set, so slightly optimistic); select=last: the final weights"),
     "factorised": "codebooks larger than the probe's max_subcode are predicted as mixed-radix sub-codes, one after another; "
                   "bits per token = sum of the sub-codes' NLL / ln 2",
     "unigram": "entropy (bits) of the empirical distribution of the training tokens in positions 1..k, pooled",
@@ -287,7 +289,7 @@ def train_probe(cfg: Any, train: TokenSet, val: TokenSet, codebook_size: int, nu
     from vistok.tokenizers.training.run import build_logger, build_trainer, list_checkpoints, resolve_resume
 
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    unknown = sorted(set(cfg) - {"seed", "resume", "batch_size", "class_dropout", "optim", "trainer", "logger", "probe"})
+    unknown = sorted(set(cfg) - {"seed", "resume", "batch_size", "class_dropout", "select", "optim", "trainer", "logger", "probe"})
     if unknown:
         raise VistokError(f"unknown probe setting(s) {', '.join(unknown)}; see configs/probe_train.yaml for the keys.")
     if cfg.resume is None and run_dir.is_dir() and list_checkpoints(run_dir):
@@ -300,14 +302,23 @@ def train_probe(cfg: Any, train: TokenSet, val: TokenSet, codebook_size: int, nu
     zeros = lambda n: torch.zeros(n, dtype=torch.long)  # noqa: E731 - unconditional: placeholder labels
     data = TokenDataModule((train.tokens, train.labels if num_classes else zeros(len(train.tokens))),
                            (val.tokens, val.labels if num_classes else zeros(len(val.tokens))), int(cfg.batch_size), int(cfg.seed))
-    interval = cfg.trainer.get("val_check_interval")
-    checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
-                                 every_n_train_steps=interval if isinstance(interval, int) else None)
+    if cfg.select not in ("best", "last"):
+        raise VistokError(f"select={cfg.select} is not known; use best (lowest validation bits) or last.")
+    # best: the validated weights with the fewest bits per token (small data sets overfit a probe);
+    # without any validation (max_steps below the interval) the final weights
+    checkpoint = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, monitor="val/bits_per_token", mode="min",
+                                 save_top_k=1, filename="best-{step:07d}", auto_insert_metric_name=False)
     trainer = build_trainer(cfg, run_dir, build_logger(cfg, run_dir), [checkpoint])
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    if trainer.global_step > 0 and not checkpoint.last_model_path:
-        # max_steps not a multiple of the interval: keep the final weights too (every rank decides alike)
+    final_step = trainer.global_step
+    if final_step > 0:  # max_steps need not fall on a validation: last.ckpt holds the final weights for resume
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    module.selected_step = final_step
+    if cfg.select == "best" and checkpoint.best_model_path:
+        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["state_dict"])
+        module.selected_step = int(state["global_step"])
+    module.final_step = final_step
     return module if trainer.is_global_zero else None
 
 
@@ -451,7 +462,7 @@ def probe_tokenizer(tokenizer: Any | str | os.PathLike, train: str, val: str, *,
         "data": {"train": str(train), "val": str(val), "train_images": len(train_set.tokens), "val_images": len(val_set.tokens),
                  "limit": limit, "conditional": conditional, "num_classes": num_classes},
         "settings": {"model": model, "num_tokens": k_max, "token_counts": counts, "radices": list(ar.radices),
-                     "parameters": sum(p.numel() for p in ar.parameters()), "steps_trained": int(module.global_step),
+                     "parameters": sum(p.numel() for p in ar.parameters()), "steps_trained": int(module.final_step), "evaluated_step": int(module.selected_step),
                      "config": plain(cfg), "samples": {k: v for k, v in samples_info.items() if k in ("num", "temperature", "top_k")},
                      "device": str(torch_device)},
         "cache": {"train": {"folder": str(train_set.folder), "reused": train_set.cached},
@@ -493,7 +504,7 @@ def summary(report: dict[str, Any]) -> str:
     """The table printed at the end of `vistok probe`, then gFID, the linear probe and notes."""
     settings, data = report["settings"], report["data"]
     lines = [f"AR probe ({settings['model']}, {settings['parameters'] / 1e6:.2f}M parameters, {settings['steps_trained']} steps"
-             f"{', class-conditional' if data['conditional'] else ''}) trained on {data['train_images']} images' tokens, "
+             f"{', class-conditional' if data['conditional'] else ''}; evaluated at step {settings['evaluated_step']}) trained on {data['train_images']} images' tokens, "
              f"validation bits on {data['val_images']} images; unigram: entropy of the training tokens; codebook: log2(size)",
              format_table(report["rows"], SUMMARY_COLUMNS)]
     if report.get("gfid") is not None:
