@@ -44,6 +44,8 @@ class ProbeModule(pl.LightningModule):
         self.model: ARProbe = instantiate_config(dict(model), "probe", codebook_size=codebook_size, seq_len=seq_len,
                                                  num_classes=num_classes)
         self.optim = dict(optim)
+        # set by vistok.eval.probe.train_probe: the last step trained, and the step of the weights it evaluates
+        self.final_step = self.selected_step = 0
         self.val_nll = SumMetric()
         self.val_count = SumMetric()
 
