@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vistok.tokenizers.cli", "print a tokenizer's configuration and recorded metrics"),
     "import": ("vistok.tokenizers.imports.cli", "convert a released tokenizer (TiTok, LlamaGen, Open-MAGVIT2) into a vistok export"),
     "score": ("vistok.eval.cli", "score a tokenizer (rFID, PSNR, SSIM, LPIPS, rate-distortion) or two image folders"),
+    "probe": ("vistok.eval.probe_cli", "train a small AR model on a tokenizer's tokens: bits per token vs unigram, samples, gFID"),
 }
 
 

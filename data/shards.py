@@ -112,13 +112,31 @@ def read_shard_samples(urls: Sequence[str]) -> Iterator[tuple[str, bytes]]:
 
     Broken tar data and samples without an image are skipped with a warning.
     """
+    for key, data, _ in read_labeled_shard_samples(urls):
+        yield key, data
+
+
+def parse_label(value: bytes | str | int | None) -> int | None:
+    """A webdataset ``cls`` member (ASCII digits, as ImageNet shards store it) as an int; None when absent."""
+    if value is None:
+        return None
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"class label {text.strip()[:40]!r} is not a whole number") from None
+
+
+def read_labeled_shard_samples(urls: Sequence[str]) -> Iterator[tuple[str, bytes, int | None]]:
+    """``(key, image bytes, class label or None)`` for every sample of ``urls`` in order; the label
+    is the ``cls`` member when the sample has one. Broken samples are skipped with a warning."""
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list(urls)),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
     )
     for sample in pipeline:
         try:
-            yield sample["__key__"], find_image_field(sample)
+            yield sample["__key__"], find_image_field(sample), parse_label(sample.get("cls"))
         except ValueError as error:
             log.warning("skipped: %s", error)
 

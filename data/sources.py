@@ -15,7 +15,7 @@ from PIL import Image
 
 from vistok.data.images import IMAGE_EXTENSIONS, list_images, load_rgb, resize_center_crop, to_tensor
 from vistok.data.sample import sample_shard_urls
-from vistok.data.shards import expand_shard_urls, read_shard_samples
+from vistok.data.shards import expand_shard_urls, read_labeled_shard_samples
 from vistok.tokenizers.errors import VistokError
 
 log = logging.getLogger(__name__)
@@ -46,19 +46,28 @@ def iter_image_source(
     Unreadable images inside a folder or shard are skipped with one warning each; a missing
     path or a folder without images raises :class:`VistokError`.
     """
+    for name, image, _ in iter_labeled_images(source, image_size, limit):
+        yield name, image
+
+
+def iter_labeled_images(
+    source: str, image_size: int | None, limit: int | None = None
+) -> Iterator[tuple[str, torch.Tensor, int | None]]:
+    """Like :func:`iter_image_source`, with each image's class label: the ``cls`` member of a
+    webdataset sample (as ImageNet shards carry), None for image files and unlabelled samples."""
     if limit is not None and limit < 1:
         return
     produced = 0
-    for name, img in _iter_pil(source, image_size):
+    for name, img, label in _iter_pil(source, image_size):
         if image_size is not None:
             img = resize_center_crop(img, image_size)
-        yield name, to_tensor(img)
+        yield name, to_tensor(img), label
         produced += 1
         if limit is not None and produced >= limit:
             return
 
 
-def _iter_pil(source: str, image_size: int | None) -> Iterator[tuple[str, Image.Image]]:
+def _iter_pil(source: str, image_size: int | None) -> Iterator[tuple[str, Image.Image, int | None]]:
     source = str(source)
     if source == "sample":
         _, val_urls = sample_shard_urls(image_size or 256)
@@ -75,7 +84,7 @@ def _iter_pil(source: str, image_size: int | None) -> Iterator[tuple[str, Image.
                 except Exception as error:  # one bad file must not end a scoring run
                     log.warning("skipped %s: %s", file, error)
                     continue
-                yield name, img
+                yield name, img, None
             return
         tars = sorted(str(p) for p in path.iterdir() if p.name.endswith((".tar", ".tar.gz", ".tgz")))
         if tars:
@@ -90,7 +99,7 @@ def _iter_pil(source: str, image_size: int | None) -> Iterator[tuple[str, Image.
             img = load_rgb(path)
         except Exception as error:
             raise VistokError(f"cannot read the image {source} ({error}); pass a readable image file") from error
-        yield path.stem, img
+        yield path.stem, img, None
         return
     if _looks_like_shards(source) or any(ch in source for ch in "*?["):
         yield from _iter_shards(expand_shard_urls(source, setting="the image source"), source)
@@ -106,11 +115,11 @@ def _iter_pil(source: str, image_size: int | None) -> Iterator[tuple[str, Image.
     )
 
 
-def _iter_shards(urls: list[str], source: str) -> Iterator[tuple[str, Image.Image]]:
-    for key, data in read_shard_samples(urls):
+def _iter_shards(urls: list[str], source: str) -> Iterator[tuple[str, Image.Image, int | None]]:
+    for key, data, label in read_labeled_shard_samples(urls):
         try:
             img = load_rgb(data)
         except Exception as error:
             log.warning("skipped %s in %s: %s", key, source, error)
             continue
-        yield key, img
+        yield key, img, label

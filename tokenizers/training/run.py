@@ -209,7 +209,7 @@ def build_module(cfg: DictConfig) -> TokenizerModule:
 
 
 def build_datamodule(cfg: DictConfig, module: TokenizerModule) -> pl.LightningDataModule:
-    datamodule = _instantiate(cfg.data, "data")
+    datamodule = instantiate_config(cfg.data, "data")
     tokenizer = module.tokenizer
     size = getattr(datamodule, "image_size", None)
     if size is not None and size != tokenizer.image_size:
@@ -231,7 +231,7 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
     if str(node.get("_target_", "")).endswith("WandbLogger") and node.get("id") is None:
         # one wandb run per run directory, so a resumed run continues the same wandb run
         overrides["id"] = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
-    return _instantiate(node, "logger", **overrides)
+    return instantiate_config(node, "logger", **overrides)
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, validates: bool = True,
@@ -258,7 +258,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, validates: bool = True,
                 log.warning("no validation data (data.val_urls is null): no best checkpoint, only last.ckpt")
                 interval = cfg.trainer.get("val_check_interval")
                 extra.update(monitor=None, save_top_k=0, every_n_train_steps=interval if isinstance(interval, int) else None)
-        callbacks.append(_instantiate(node, f"callbacks.{name}", **extra))
+        callbacks.append(instantiate_config(node, f"callbacks.{name}", **extra))
     artifacts = RunArtifacts(run_dir)
     return callbacks + [artifacts, ThumbnailBaseline(), FinishAtLastStep(run_dir), StopOnSignal(run_dir),
                         RankConsistencyCheck(run_dir)], artifacts
@@ -292,8 +292,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger: Any, callbacks: list[p
         raise VistokError(f"bad trainer setting: {str(error).splitlines()[0]}") from None
 
 
-def _instantiate(node: DictConfig, where: str, **overrides: Any) -> Any:
-    target = node.get("_target_") if isinstance(node, DictConfig) else None
+def instantiate_config(node: DictConfig | dict, where: str, **overrides: Any) -> Any:
+    """Hydra-instantiate the config ``node`` of setting ``where``; any failure is a VistokError naming it."""
+    target = node.get("_target_") if isinstance(node, (DictConfig, dict)) else None
     if not target:
         raise VistokError(f"the {where} config has no _target_; pick one of the files in configs/{where.split('.')[0]}/.")
     try:
