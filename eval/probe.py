@@ -294,7 +294,7 @@ def train_probe(cfg: Any, train: TokenSet, val: TokenSet, codebook_size: int, nu
         raise VistokError(f"unknown probe setting(s) {', '.join(unknown)}; see configs/probe_train.yaml for the keys.")
     if cfg.resume is None and run_dir.is_dir() and list_checkpoints(run_dir):
         raise VistokError(f"{run_dir} already holds a trained probe; pass --resume to continue (or re-evaluate) it, or choose another --out.")
-    ckpt_path = resolve_resume(cfg.resume, run_dir)
+    ckpt_path, _ = resolve_resume(cfg.resume, run_dir, tokenizer=False)
     if int(cfg.batch_size) < 1:
         raise VistokError(f"batch_size must be a positive whole number, got {cfg.batch_size}.")
     module = ProbeModule(plain(cfg.probe), codebook_size, train.tokens.shape[1], num_classes, plain(cfg.optim),

@@ -118,12 +118,9 @@ def _checkpoint_in(directory: Path) -> Path:
     return directory / "last.ckpt" if directory.name == "checkpoints" else directory / "checkpoints" / "last.ckpt"
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a vistok training checkpoint with ``weights_only=True`` and check its layout.
-
-    Raises VistokError for a missing, unreadable or corrupted file, a file that holds arbitrary
-    Python objects, and a PyTorch checkpoint that was not written by vistok's training module.
-    """
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one-sentence VistokErrors for a missing,
+    empty, truncated or corrupted file, another kind of file, and a file holding arbitrary Python objects."""
     path = Path(path)
     if path.is_dir():
         raise VistokError(f"{path} is a directory, not a checkpoint file; pass a .ckpt file such as {_checkpoint_in(path)}.")
@@ -149,6 +146,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a readable PyTorch checkpoint (it is truncated, corrupted or another kind of file: "
             f"{detail}); pass an intact .ckpt written by train.py."
         ) from None
+    return ckpt
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a vistok training checkpoint with ``weights_only=True`` and check its layout.
+
+    Raises VistokError for a missing, unreadable or corrupted file, a file that holds arbitrary
+    Python objects, and a PyTorch checkpoint that was not written by vistok's training module.
+    """
+    ckpt = load_torch_file(path)
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not (

@@ -111,8 +111,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
 
 
-def resolve_resume(resume: Any, run_dir: Path) -> tuple[Path | None, int]:
+def resolve_resume(resume: Any, run_dir: Path, tokenizer: bool = True) -> tuple[Path | None, int]:
     """The checkpoint to continue from and its step: ``(None, 0)`` for a fresh start.
+
+    ``tokenizer=False`` accepts any Lightning checkpoint (the AR probe's), not only a tokenizer's.
 
     ``resume`` is None (a fresh run; refused if ``run_dir`` already holds checkpoints), ``"auto"``
     (the newest checkpoint in ``run_dir`` that loads, saying so when a newer one does not) or a
@@ -134,7 +136,7 @@ def resolve_resume(resume: Any, run_dir: Path) -> tuple[Path | None, int]:
         refused: list[str] = []
         for path in existing:
             try:
-                step = resumable_step(path)
+                step = resumable_step(path, tokenizer)
             except VistokError as error:
                 log.warning("%s", error)
                 refused.append(path.name)
@@ -147,17 +149,22 @@ def resolve_resume(resume: Any, run_dir: Path) -> tuple[Path | None, int]:
     path = Path(str(resume)).expanduser()
     if not path.is_file():
         raise VistokError(f"resume={resume} is neither 'auto' nor an existing checkpoint file; pass resume=auto or the path of a .ckpt.")
-    step = resumable_step(path)
+    step = resumable_step(path, tokenizer)
     log.info("resuming from %s at step %d", path, step)
     return path, step
 
 
-def resumable_step(path: Path) -> int:
-    """The step a training checkpoint continues from; VistokError if it does not load or holds no training state."""
-    from vistok.tokenizers.export import read_checkpoint
+def resumable_step(path: Path, tokenizer: bool = True) -> int:
+    """The step a training checkpoint continues from; VistokError if it does not load or holds no training state.
 
-    ckpt = read_checkpoint(path)
-    if not all(key in ckpt for key in ("optimizer_states", "loops", "global_step")):
+    ``tokenizer``: also require a tokenizer training checkpoint's layout (False: any Lightning checkpoint).
+    """
+    from vistok.tokenizers.export import load_torch_file, read_checkpoint
+
+    ckpt = read_checkpoint(path) if tokenizer else load_torch_file(path)
+    if not isinstance(ckpt, dict) or not all(key in ckpt for key in ("optimizer_states", "loops", "global_step")):
+        if not tokenizer:
+            raise VistokError(f"{path} holds no training state (optimizer, step) to resume; pass a checkpoint the run itself wrote.")
         raise VistokError(f"{path} holds a tokenizer's weights but no training state (optimizer, step) to resume; "
                           f"start a new run from its weights with init_from={path} instead.")
     return int(ckpt["global_step"])
