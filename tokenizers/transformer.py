@@ -19,6 +19,7 @@ from vistok.tokenizers.token_dropout import keep_mask, pad_with_mask_token
 
 # How the decoder's patch queries become pixels; see PixelHead.
 DECODER_HEADS = ("linear", "conv", "upsample")
+ENCODER_POS_STD = 0.5
 
 
 def make_blocks(width: int, depth: int, heads: int, mlp_ratio: float) -> nn.Sequential:
@@ -124,8 +125,12 @@ class TiTokEncoder(nn.Module):
         self.proj = nn.Linear(width, out_dim)
 
         self.apply(init_vit_weights)
-        for p in (self.pos_embed, self.latent_tokens, self.latent_pos_embed):
+        for p in (self.latent_tokens, self.latent_pos_embed):
             trunc_normal_(p, std=0.02)
+        # Patch positions start at the scale of the patch embeddings (~0.3 per channel), not ViT's
+        # 0.02: at 0.02 the pre-norm blocks barely see where a patch is, uniform attention pools a
+        # bag of patches, and tiny models sit for thousands of steps at one flat colour per image.
+        trunc_normal_(self.pos_embed, std=ENCODER_POS_STD)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embed(images) + self.pos_embed
