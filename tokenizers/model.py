@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # decoder_* default to the encoder's value (TiTok uses a decoder of the encoder's size).
 OVERRIDES = {
     "titok": ("width", "depth", "heads", "mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads",
-              "decoder_head", "decoder_head_channels", "per_position"),
+              "decoder_head", "decoder_head_channels"),
     "conv": ("channels", "channel_mult", "num_res_blocks", "mid_attention", "dropout"),
 }
 
@@ -239,8 +239,7 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
         token_dropout: None (no tail-token dropout) or ``TailTokenDropout`` kwargs.
         **overrides: titok: width, depth, heads, mlp_ratio, decoder_width, decoder_depth,
             decoder_heads, decoder_head (linear | conv | upsample, see
-            :func:`~vistok.tokenizers.transformer.pixel_head`), decoder_head_channels, per_position
-            (separate token and patch projections, see TiTokEncoder); conv: channels, channel_mult, num_res_blocks, mid_attention, dropout;
+            :func:`~vistok.tokenizers.transformer.pixel_head`), decoder_head_channels; conv: channels, channel_mult, num_res_blocks, mid_attention, dropout;
             named architectures: their module's OVERRIDES.
     """
     if arch not in PRESETS:
@@ -277,18 +276,15 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
             # stored even when left at the default, so a checkpoint names the head it was trained with
             settings["decoder_head"] = settings.get("decoder_head") or "linear"
             settings["decoder_head_channels"] = settings.get("decoder_head_channels") or 16
-            settings["per_position"] = bool(settings.get("per_position") or False)
             _check_int("decoder_head_channels", settings["decoder_head_channels"], minimum=1)
         if arch == "titok_original":
             encoder, decoder = titok_original.build(image_size, patch_size, num_tokens, quantizer_module, settings)
         else:
             encoder = TiTokEncoder(image_size, patch_size, num_tokens, settings["width"], settings["depth"],
-                                   settings["heads"], settings["mlp_ratio"], out_dim=quantizer_module.in_dim,
-                                   per_position=settings["per_position"])
+                                   settings["heads"], settings["mlp_ratio"], out_dim=quantizer_module.in_dim)
             decoder = TiTokDecoder(image_size, patch_size, num_tokens, settings["decoder_width"],
                                    settings["decoder_depth"], settings["decoder_heads"], settings["mlp_ratio"], in_dim=dim,
-                                   head=settings["decoder_head"], head_channels=settings["decoder_head_channels"],
-                                   per_position=settings["per_position"])
+                                   head=settings["decoder_head"], head_channels=settings["decoder_head_channels"])
     else:
         settings["channel_mult"] = [int(m) for m in settings["channel_mult"]]
         _check_int("channels", settings["channels"], minimum=1)

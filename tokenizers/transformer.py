@@ -73,34 +73,7 @@ class ConvRefine(nn.Sequential):
         return self[1](x + self[0](x))
 
 
-class PerPositionLinear(nn.Module):
-    """A separate linear map for each of N sequence positions: (B, N, in) -> (B, N, out).
-
-    Lets each latent token (and each patch) read and write its own subspace from the first step,
-    without waiting for attention to tell positions apart (see ``per_position`` in TiTokEncoder).
-    """
-
-    def __init__(self, positions: int, in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(positions, in_features, out_features))
-        self.bias = nn.Parameter(torch.zeros(positions, out_features))
-        trunc_normal_(self.weight, std=0.02)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[1]  # a prefix of the positions (the decoder's input may be shorter than K)
-        return torch.einsum("bni,nio->bno", x, self.weight[:n]) + self.bias[:n]
-
-
-def linear(positions: int, in_features: int, out_features: int, per_position: bool) -> nn.Module:
-    """nn.Linear shared by all positions, or a :class:`PerPositionLinear`."""
-    if per_position:
-        return PerPositionLinear(positions, in_features, out_features)
-    return nn.Linear(in_features, out_features)
-
-
-def pixel_head(kind: str, width: int, patch_size: int, channels: int, positions: int = 1,
-               per_position: bool = False) -> tuple[nn.Module, nn.Sequential]:
+def pixel_head(kind: str, width: int, patch_size: int, channels: int) -> tuple[nn.Linear, nn.Sequential]:
     """The decoder's output head: (linear map per patch query, convolutions over the image).
 
     ``"linear"``: one linear map per patch to its p*p*3 pixels (TiTok's layout; nothing crosses a
@@ -114,9 +87,9 @@ def pixel_head(kind: str, width: int, patch_size: int, channels: int, positions:
     if kind not in DECODER_HEADS:
         raise VistokError(f"unknown decoder_head {kind!r}; use one of {', '.join(DECODER_HEADS)}.")
     if kind == "linear":
-        return linear(positions, width, patch_size * patch_size * 3, per_position), nn.Sequential()
+        return nn.Linear(width, patch_size * patch_size * 3), nn.Sequential()
     if kind == "conv":
-        return linear(positions, width, patch_size * patch_size * channels, per_position), ConvRefine(channels)
+        return nn.Linear(width, patch_size * patch_size * channels), ConvRefine(channels)
     octaves = patch_size.bit_length() - 1
     if patch_size != 1 << octaves:
         raise VistokError(f"decoder_head 'upsample' needs a power-of-two patch_size, got {patch_size}; use decoder_head 'conv' or a patch_size of 2, 4, 8, ...")
@@ -124,7 +97,7 @@ def pixel_head(kind: str, width: int, patch_size: int, channels: int, positions:
     for i in range(octaves, 0, -1):
         layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(channels << i, channels << (i - 1), 3, padding=1), nn.GELU()]
     layers.append(ConvRefine(channels))
-    return linear(positions, width, channels << octaves, per_position), nn.Sequential(*layers)
+    return nn.Linear(width, channels << octaves), nn.Sequential(*layers)
 
 
 class TiTokEncoder(nn.Module):
@@ -136,15 +109,10 @@ class TiTokEncoder(nn.Module):
         num_tokens: K, the number of learned latent tokens (the output sequence length).
         width, depth, heads, mlp_ratio: transformer size.
         out_dim: D, the quantizer's input dimension.
-        per_position: one output projection per latent token instead of one shared by all. At
-            initialisation attention is nearly uniform, so every latent token pools the same
-            summary of the image; a shared projection then gives K copies of one token, and a tiny
-            model spends thousands of steps learning to tell them apart. Separate projections read
-            K different things from the same summary from the first step.
     """
 
     def __init__(self, image_size: int, patch_size: int, num_tokens: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float, out_dim: int, per_position: bool = False) -> None:
+                 mlp_ratio: float, out_dim: int) -> None:
         super().__init__()
         self.image_size, self.patch_size, self.num_tokens = image_size, patch_size, num_tokens
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans=3, embed_dim=width)
@@ -154,7 +122,7 @@ class TiTokEncoder(nn.Module):
         self.latent_pos_embed = nn.Parameter(torch.zeros(1, num_tokens, width))
         self.blocks = make_blocks(width, depth, heads, mlp_ratio)
         self.norm = nn.LayerNorm(width)
-        self.proj = linear(num_tokens, width, out_dim, per_position)
+        self.proj = nn.Linear(width, out_dim)
 
         self.apply(init_vit_weights)
         for p in (self.latent_tokens, self.latent_pos_embed):
@@ -180,26 +148,24 @@ class TiTokDecoder(nn.Module):
     sequence is [one mask query per image patch (+ patch position)] + [K latent slots
     (+ latent position)]; full bidirectional attention is safe because hidden slots carry only
     the mask token. The patch queries' outputs become pixels through ``head`` (see
-    :func:`pixel_head`; ``head_channels`` is its C). ``per_position``: one input projection per
-    token slot and one head per patch (see :class:`TiTokEncoder`).
+    :func:`pixel_head`; ``head_channels`` is its C).
     """
 
     def __init__(self, image_size: int, patch_size: int, num_tokens: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float, in_dim: int, head: str = "linear", head_channels: int = 16,
-                 per_position: bool = False) -> None:
+                 mlp_ratio: float, in_dim: int, head: str = "linear", head_channels: int = 16) -> None:
         super().__init__()
         self.image_size, self.patch_size, self.num_tokens = image_size, patch_size, num_tokens
         self.grid = image_size // patch_size
         self.head_kind = head
         num_patches = self.grid * self.grid
-        self.proj_in = linear(num_tokens, in_dim, width, per_position)
+        self.proj_in = nn.Linear(in_dim, width)
         self.mask_token = nn.Parameter(torch.zeros(width))
         self.latent_pos_embed = nn.Parameter(torch.zeros(1, num_tokens, width))
         self.patch_query = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, width))
         self.blocks = make_blocks(width, depth, heads, mlp_ratio)
         self.norm = nn.LayerNorm(width)
-        self.head, self.refine = pixel_head(head, width, patch_size, head_channels, num_patches, per_position)
+        self.head, self.refine = pixel_head(head, width, patch_size, head_channels)
 
         self.apply(init_vit_weights)
         for p in (self.mask_token, self.latent_pos_embed, self.patch_query, self.pos_embed):
