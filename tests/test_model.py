@@ -352,12 +352,10 @@ def test_attention_runs_through_scaled_dot_product_attention(arch: str, monkeypa
 # ---------------------------------------------------------------- decoder heads
 
 
-@pytest.mark.parametrize("per_position", [False, True])
 @pytest.mark.parametrize("head", ["linear", "conv", "upsample"])
-def test_every_decoder_head_decodes_every_prefix_and_trains_the_encoder(head: str, per_position: bool) -> None:
-    tok = tiny("titok", decoder_head=head, decoder_head_channels=4, per_position=per_position)
-    assert tok.config["decoder_head"] == head and tok.config["per_position"] == per_position
-    assert build_tokenizer(**tok.config).config == tok.config
+def test_every_decoder_head_decodes_every_prefix_and_trains_the_encoder(head: str) -> None:
+    tok = tiny("titok", decoder_head=head, decoder_head_channels=4)
+    assert tok.config["decoder_head"] == head and build_tokenizer(**tok.config).config == tok.config
     x = images_for(tok)
     with torch.no_grad():
         for k in range(1, tok.max_tokens + 1):
@@ -388,25 +386,6 @@ def test_conv_heads_cross_patch_borders_and_keep_the_mean_colour(head: str) -> N
         # normalise such a shift away, and the tokens could not set an image's mean colour)
         shifted = d.to_pixels(features + torch.randn(1, 1, 32))
         assert (shifted - base).abs().mean() > 1e-3
-
-
-def test_per_position_projections_give_each_slot_its_own_map() -> None:
-    from vistok.tokenizers.transformer import PerPositionLinear
-
-    layer = PerPositionLinear(5, 3, 2)
-    x = torch.randn(4, 1, 3).expand(4, 5, 3)  # the same input at every position
-    out = layer(x)
-    assert out.shape == (4, 5, 2)
-    assert (out[:, 1:] - out[:, :1]).abs().amin(dim=-1).gt(0).all()  # ... comes out differently at each
-    torch.testing.assert_close(layer(x[:, :2]), out[:, :2])  # a prefix uses the prefix's maps
-    torch.testing.assert_close(out[:, 3], x[:, 3] @ layer.weight[3] + layer.bias[3])
-    # in a tokenizer: identical latent slots at the encoder's output still give different tokens
-    tok = tiny("titok", per_position=True)
-    same = torch.randn(1, 1, 32).expand(2, tok.max_tokens, 32)
-    tokens = tok.encoder.proj(same)
-    assert (tokens[:, 1:] - tokens[:, :1]).abs().amax() > 1e-4
-    shared = tiny("titok").encoder.proj(same)
-    assert (shared[:, 1:] - shared[:, :1]).abs().amax() == 0
 
 
 # ---------------------------------------------------------------- bad input
