@@ -355,7 +355,8 @@ def test_attention_runs_through_scaled_dot_product_attention(arch: str, monkeypa
 @pytest.mark.parametrize("head", ["linear", "conv", "upsample"])
 def test_every_decoder_head_decodes_every_prefix_and_trains_the_encoder(head: str) -> None:
     tok = tiny("titok", decoder_head=head, decoder_head_channels=4)
-    assert tok.config["decoder_head"] == head and build_tokenizer(**tok.config).config == tok.config
+    assert tok.config.get("decoder_head", "linear") == head and build_tokenizer(**tok.config).config == tok.config
+    assert ("decoder_head" in tok.config) == (head != "linear")  # linear-head configs (and fingerprints) as before
     x = images_for(tok)
     with torch.no_grad():
         for k in range(1, tok.max_tokens + 1):

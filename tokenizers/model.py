@@ -272,11 +272,12 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
             if settings[f"{prefix}width"] % settings[f"{prefix}heads"]:
                 raise VistokError(f"{prefix}width {settings[f'{prefix}width']} is not divisible by {prefix}heads {settings[f'{prefix}heads']}; choose heads that divide the width.")
         settings["mlp_ratio"] = float(settings["mlp_ratio"])
-        if arch == "titok":
-            # stored even when left at the default, so a checkpoint names the head it was trained with
-            settings["decoder_head"] = settings.get("decoder_head") or "linear"
-            settings["decoder_head_channels"] = settings.get("decoder_head_channels") or 16
-            _check_int("decoder_head_channels", settings["decoder_head_channels"], minimum=1)
+        head = {"decoder_head": settings.pop("decoder_head", None) or "linear",
+                "decoder_head_channels": settings.pop("decoder_head_channels", None) or 16}
+        _check_int("decoder_head_channels", head["decoder_head_channels"], minimum=1)
+        if head["decoder_head"] != "linear":
+            # only then: configs (and so fingerprints) of linear-head tokenizers stay what they were
+            settings.update(head)
         if arch == "titok_original":
             encoder, decoder = titok_original.build(image_size, patch_size, num_tokens, quantizer_module, settings)
         else:
@@ -284,7 +285,7 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
                                    settings["heads"], settings["mlp_ratio"], out_dim=quantizer_module.in_dim)
             decoder = TiTokDecoder(image_size, patch_size, num_tokens, settings["decoder_width"],
                                    settings["decoder_depth"], settings["decoder_heads"], settings["mlp_ratio"], in_dim=dim,
-                                   head=settings["decoder_head"], head_channels=settings["decoder_head_channels"])
+                                   head=head["decoder_head"], head_channels=head["decoder_head_channels"])
     else:
         settings["channel_mult"] = [int(m) for m in settings["channel_mult"]]
         _check_int("channels", settings["channels"], minimum=1)
