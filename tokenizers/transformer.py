@@ -127,9 +127,10 @@ class TiTokEncoder(nn.Module):
         self.apply(init_vit_weights)
         for p in (self.latent_tokens, self.latent_pos_embed):
             trunc_normal_(p, std=0.02)
-        # Patch positions start at the scale of the patch embeddings (~0.3 per channel), not ViT's
-        # 0.02: at 0.02 the pre-norm blocks barely see where a patch is, uniform attention pools a
-        # bag of patches, and tiny models sit for thousands of steps at one flat colour per image.
+        # Patch positions start at the scale of the patch embeddings (~0.3 per channel; MAE's fixed
+        # sin-cos table is larger still), not ViT's 0.02: at 0.02 the pre-norm blocks barely see
+        # where a patch is, near-uniform attention pools a bag of patches, and tiny models sit for
+        # a thousand steps at one flat colour per image (docs/rd32.md).
         trunc_normal_(self.pos_embed, std=ENCODER_POS_STD)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
