@@ -239,7 +239,8 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
         token_dropout: None (no tail-token dropout) or ``TailTokenDropout`` kwargs.
         **overrides: titok: width, depth, heads, mlp_ratio, decoder_width, decoder_depth,
             decoder_heads, decoder_head (linear | conv | upsample, see
-            :func:`~vistok.tokenizers.transformer.pixel_head`), decoder_head_channels; conv: channels, channel_mult, num_res_blocks, mid_attention, dropout;
+            :func:`~vistok.tokenizers.transformer.pixel_head`), decoder_head_channels; conv: channels,
+            channel_mult, num_res_blocks, mid_attention, dropout;
             named architectures: their module's OVERRIDES.
     """
     if arch not in PRESETS:

@@ -17,8 +17,9 @@ from torch import nn
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.token_dropout import keep_mask, pad_with_mask_token
 
-# How the decoder's patch queries become pixels; see PixelHead.
+# How the decoder's patch queries become pixels; see pixel_head.
 DECODER_HEADS = ("linear", "conv", "upsample")
+# Initial std of the encoder's patch position embeddings (see TiTokEncoder.__init__).
 ENCODER_POS_STD = 0.5
 
 
