@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -116,3 +117,34 @@ def save_reconstruction_grid(examples: Mapping[Any, Tensor], path: str | os.Path
         fig.savefig(tmp, format="png", dpi=max(100, int(w / cell_inches)))
     plt.close(fig)
     return Path(path)
+
+
+def labelled_rows(rows: Sequence[tuple[str, Tensor]], min_cell: int = 128, pad: int = 4) -> Tensor:
+    """Rows of images, each with its label at the left, as one picture a person can read.
+
+    rows: (label, (N, 3, H, W) in [0, 1]) pairs, e.g. ("original", images), ("8 tokens", recon), ...;
+    every row holds N images of one size. Each image is enlarged by an integer factor (nearest
+    neighbour, so pixels stay visible) to at least ``min_cell`` pixels a side. Returns (3, H', W')
+    in [0, 1], white background, black labels (Pillow's bundled font; no font files needed).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not rows:
+        raise ValueError("labelled_rows needs at least one row")
+    n, _, h, w = rows[0][1].shape
+    scale = max(1, -(-min_cell // max(h, w)))  # ceil: small crops are enlarged, large ones kept
+    font = ImageFont.load_default(size=max(12, min(24, h * scale // 6)))
+    label_width = max(int(font.getlength(label)) for label, _ in rows) + 3 * pad
+    cell_h, cell_w = h * scale + pad, w * scale + pad
+    canvas = Image.new("RGB", (label_width + n * cell_w + pad, len(rows) * cell_h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows):
+        if images.shape != (n, 3, h, w):
+            raise ValueError(f"row {label!r} has shape {tuple(images.shape)}, expected {(n, 3, h, w)}")
+        top = pad + r * cell_h
+        draw.text((pad, top + h * scale // 2), label, fill="black", font=font, anchor="lm")
+        big = F.interpolate(images.float().clamp(0, 1).cpu(), scale_factor=scale, mode="nearest")
+        pixels = (big * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for i in range(n):
+            canvas.paste(Image.fromarray(pixels[i]), (label_width + i * cell_w, top))
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255

@@ -37,7 +37,7 @@ def options(group: str) -> list[str]:
 EXPERIMENTS, MODELS, QUANTIZERS = options("experiment"), options("model"), options("quantizer")
 # The recipes' validation.token_counts reach 256; a model with fewer tokens cannot report them.
 INCOMPATIBLE = {(experiment, model) for experiment in ("flex_fsq", "tail_drop_vq")
-                for model in ("conv", "titok", "titok_b64", "titok_demo", "titok_original_b64")}
+                for model in ("conv", "titok", "titok_b64", "titok_demo", "titok_original_b64", "titok_rd32")}
 # Stage 1 of two-stage TiTok learns a teacher's codes: without teacher=PATH it stops in one sentence.
 NEEDS_TEACHER = {"titok_two_stage"}
 # No VGG16 weights here, and timm's EMA copy cannot live on the meta device; neither touches the
@@ -119,6 +119,10 @@ def test_the_command_line_choice_beats_the_experiments():
 RECIPES = {
     "demo": ({"arch": "titok", "preset": "tiny", "image_size": 32, "patch_size": 8, "num_tokens": 16, "width": 128,
               "heads": 4, "token_dropout": {"p": 0.5, "min_tokens": 1, "distribution": "uniform"}},
+             {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [8, 5, 5, 5]}),
+    "rd32": ({"arch": "titok", "preset": "tiny", "image_size": 32, "patch_size": 8, "num_tokens": 64, "width": 128,
+              "heads": 4, "decoder_head": "conv", "decoder_head_channels": 16,
+              "token_dropout": {"p": 0.5, "min_tokens": 1, "distribution": "uniform"}},
              {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [8, 5, 5, 5]}),
     "titok_b64_vq": ({"arch": "titok", "preset": "base", "image_size": 256, "patch_size": 16, "num_tokens": 64,
                       "token_dropout": None},

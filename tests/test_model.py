@@ -349,6 +349,46 @@ def test_attention_runs_through_scaled_dot_product_attention(arch: str, monkeypa
         assert all(shape == (2, 2, 24, 16) for shape in calls)
 
 
+# ---------------------------------------------------------------- decoder heads
+
+
+@pytest.mark.parametrize("head", ["linear", "conv", "upsample"])
+def test_every_decoder_head_decodes_every_prefix_and_trains_the_encoder(head: str) -> None:
+    tok = tiny("titok", decoder_head=head, decoder_head_channels=4)
+    assert tok.config.get("decoder_head", "linear") == head and build_tokenizer(**tok.config).config == tok.config
+    assert ("decoder_head" in tok.config) == (head != "linear")  # linear-head configs (and fingerprints) as before
+    x = images_for(tok)
+    with torch.no_grad():
+        for k in range(1, tok.max_tokens + 1):
+            assert tok.eval().decode(tok.encode(x)[:, :k]).shape == x.shape
+    out = tok.train()(x)
+    F.mse_loss(out.reconstruction, x).backward()
+    assert tok.encoder.proj.weight.grad.abs().sum() > 0
+    assert tok.decoder.last_layer.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("head", ["linear", "conv", "upsample"])
+def test_conv_heads_cross_patch_borders_and_keep_the_mean_colour(head: str) -> None:
+    tok = tiny("titok", decoder_head=head, decoder_head_channels=4)
+    for p in tok.decoder.refine.parameters():  # leave the zero-initialised residual branch no longer zero
+        torch.nn.init.normal_(p, std=0.3)
+    d = tok.decoder
+    features = torch.randn(1, d.grid * d.grid, 32)
+    with torch.no_grad():
+        base = d.to_pixels(features)
+        # one patch query changes: only its own patch may change under the linear head
+        poked = features.clone()
+        poked[0, 0] += 1.0
+        changed = (d.to_pixels(poked) - base).abs().amax(dim=1)[0] > 1e-6
+        p = d.patch_size
+        assert changed[:p, :p].any()
+        assert changed[p:, :].any() == (head != "linear")
+        # every query shifted alike: the image must change too (a GroupNorm in the head would
+        # normalise such a shift away, and the tokens could not set an image's mean colour)
+        shifted = d.to_pixels(features + torch.randn(1, 1, 32))
+        assert (shifted - base).abs().mean() > 1e-3
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -366,6 +406,8 @@ def test_attention_runs_through_scaled_dot_product_attention(arch: str, monkeypa
         (dict(arch="titok", width=30, heads=4), "width 30 is not divisible by heads 4"),
         (dict(arch="titok", num_tokens=4, token_dropout={"min_tokens": 5}), "min_tokens 5 exceeds"),
         (dict(arch="titok", token_dropout={"rate": 0.5}), "unknown token_dropout setting"),
+        (dict(arch="titok", decoder_head="deconv"), "unknown decoder_head 'deconv'"),
+        (dict(arch="titok", image_size=24, patch_size=6, decoder_head="upsample"), "power-of-two patch_size"),
     ],
 )
 def test_build_tokenizer_rejects_bad_settings(kwargs: dict, message: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from PIL import Image
 
 from vistok.tokenizers.atomic import stale_temp_files
 from vistok.tokenizers.training.callbacks import AtomicCheckpointIO, RankConsistencyCheck, tensor_fingerprints
@@ -134,6 +135,8 @@ def test_fsq_fit_writes_run_directory(fsq_run):
     assert (run_dir / "logs" / "version_0" / "metrics.csv").read_text().count("val/psnr") >= 1
     assert json.loads((run_dir / "metrics.json").read_text())["step"] == 4
     assert fsq_run.grid is not None and fsq_run.grid.is_file() and fsq_run.grid.parent == run_dir / "grids"
+    with Image.open(fsq_run.grid) as grid:  # labelled rows (original + one per token count), crops enlarged
+        assert grid.height >= 5 * 128 and grid.width > 2 * 128 + 60
     assert fsq_run.checkpoint is not None and fsq_run.checkpoint.name.startswith("best-")
     table = fsq_run.table
     assert "thumbnail" in table and str(fsq_run.checkpoint) in table and str(fsq_run.grid) in table

@@ -42,7 +42,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # Settings an override may change, besides those named in build_tokenizer's signature.
 # decoder_* default to the encoder's value (TiTok uses a decoder of the encoder's size).
 OVERRIDES = {
-    "titok": ("width", "depth", "heads", "mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads"),
+    "titok": ("width", "depth", "heads", "mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads",
+              "decoder_head", "decoder_head_channels"),
     "conv": ("channels", "channel_mult", "num_res_blocks", "mid_attention", "dropout"),
 }
 
@@ -250,7 +251,9 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
         token_dropout: None (no tail-token dropout) or ``TailTokenDropout`` kwargs.
         token_perturb: None (no token perturbation) or ``TokenPerturbation`` kwargs (discrete tokens only).
         **overrides: titok: width, depth, heads, mlp_ratio, decoder_width, decoder_depth,
-            decoder_heads; conv: channels, channel_mult, num_res_blocks, mid_attention, dropout;
+            decoder_heads, decoder_head (linear | conv | upsample, see
+            :func:`~vistok.tokenizers.transformer.pixel_head`), decoder_head_channels; conv: channels,
+            channel_mult, num_res_blocks, mid_attention, dropout;
             named architectures: their module's OVERRIDES.
     """
     if arch not in PRESETS:
@@ -283,13 +286,20 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
             if settings[f"{prefix}width"] % settings[f"{prefix}heads"]:
                 raise VistokError(f"{prefix}width {settings[f'{prefix}width']} is not divisible by {prefix}heads {settings[f'{prefix}heads']}; choose heads that divide the width.")
         settings["mlp_ratio"] = float(settings["mlp_ratio"])
+        head = {"decoder_head": settings.pop("decoder_head", None) or "linear",
+                "decoder_head_channels": settings.pop("decoder_head_channels", None) or 16}
+        _check_int("decoder_head_channels", head["decoder_head_channels"], minimum=1)
+        if head["decoder_head"] != "linear":
+            # only then: configs (and so fingerprints) of linear-head tokenizers stay what they were
+            settings.update(head)
         if arch == "titok_original":
             encoder, decoder = titok_original.build(image_size, patch_size, num_tokens, quantizer_module, settings)
         else:
             encoder = TiTokEncoder(image_size, patch_size, num_tokens, settings["width"], settings["depth"],
                                    settings["heads"], settings["mlp_ratio"], out_dim=quantizer_module.in_dim)
             decoder = TiTokDecoder(image_size, patch_size, num_tokens, settings["decoder_width"],
-                                   settings["decoder_depth"], settings["decoder_heads"], settings["mlp_ratio"], in_dim=dim)
+                                   settings["decoder_depth"], settings["decoder_heads"], settings["mlp_ratio"], in_dim=dim,
+                                   head=head["decoder_head"], head_channels=head["decoder_head_channels"])
     else:
         settings["channel_mult"] = [int(m) for m in settings["channel_mult"]]
         _check_int("channels", settings["channels"], minimum=1)

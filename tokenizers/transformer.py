@@ -14,7 +14,13 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.token_dropout import keep_mask, pad_with_mask_token
+
+# How the decoder's patch queries become pixels; see pixel_head.
+DECODER_HEADS = ("linear", "conv", "upsample")
+# Initial std of the encoder's patch position embeddings (see TiTokEncoder.__init__).
+ENCODER_POS_STD = 0.5
 
 
 def make_blocks(width: int, depth: int, heads: int, mlp_ratio: float) -> nn.Sequential:
@@ -41,11 +47,58 @@ def init_vit_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def unpatchify(patches: torch.Tensor, grid: int, patch_size: int) -> torch.Tensor:
-    """(B, grid*grid, p*p*3) raster-ordered patches -> (B, 3, grid*p, grid*p) image."""
+def unpatchify(patches: torch.Tensor, grid: int, patch_size: int, channels: int = 3) -> torch.Tensor:
+    """(B, grid*grid, p*p*C) raster-ordered patches -> (B, C, grid*p, grid*p) image or feature map."""
     b = patches.shape[0]
-    x = patches.reshape(b, grid, grid, patch_size, patch_size, 3)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 3, grid * patch_size, grid * patch_size)
+    x = patches.reshape(b, grid, grid, patch_size, patch_size, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, grid * patch_size, grid * patch_size)
+
+
+class ConvRefine(nn.Sequential):
+    """Residual 3x3 conv block without normalisation, then a 3x3 conv to RGB: (B, C, H, W) -> (B, 3, H, W).
+
+    No GroupNorm, unlike VQGAN's blocks: on a few channels at a few pixels it acts as an instance
+    norm and erases each image's mean colour, which the tokens then cannot bring back (the
+    tokenizer collapses to one code). The block's second conv starts at zero, so the head starts
+    as a per-pixel linear map of the features and learns the cross-patch part.
+    """
+
+    def __init__(self, channels: int) -> None:
+        block = nn.Sequential(nn.GELU(), nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(),
+                              nn.Conv2d(channels, channels, 3, padding=1))
+        nn.init.zeros_(block[-1].weight)
+        nn.init.zeros_(block[-1].bias)
+        super().__init__(block, nn.Conv2d(channels, 3, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self[1](x + self[0](x))
+
+
+def pixel_head(kind: str, width: int, patch_size: int, channels: int) -> tuple[nn.Linear, nn.Sequential]:
+    """The decoder's output head: (linear map per patch query, convolutions over the image).
+
+    ``"linear"``: one linear map per patch to its p*p*3 pixels (TiTok's layout; nothing crosses a
+    patch border, so patches come out as separate blocks); the convolutions are empty.
+    ``"conv"``: a linear map to p*p*C features per patch, then :class:`ConvRefine` over the whole
+    image, which lets neighbouring patches agree at their borders.
+    ``"upsample"``: each query gives one C*2^octaves-channel feature vector of the g x g grid; per
+    octave a nearest 2x upsampling and a 3x3 conv halve the channels (a 2D conv decoder behind
+    the 1D tokens), then :class:`ConvRefine` at full resolution. Needs a power-of-two patch size.
+    """
+    if kind not in DECODER_HEADS:
+        raise VistokError(f"unknown decoder_head {kind!r}; use one of {', '.join(DECODER_HEADS)}.")
+    if kind == "linear":
+        return nn.Linear(width, patch_size * patch_size * 3), nn.Sequential()
+    if kind == "conv":
+        return nn.Linear(width, patch_size * patch_size * channels), ConvRefine(channels)
+    octaves = patch_size.bit_length() - 1
+    if patch_size != 1 << octaves:
+        raise VistokError(f"decoder_head 'upsample' needs a power-of-two patch_size, got {patch_size}; use decoder_head 'conv' or a patch_size of 2, 4, 8, ...")
+    layers: list[nn.Module] = []
+    for i in range(octaves, 0, -1):
+        layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(channels << i, channels << (i - 1), 3, padding=1), nn.GELU()]
+    layers.append(ConvRefine(channels))
+    return nn.Linear(width, channels << octaves), nn.Sequential(*layers)
 
 
 class TiTokEncoder(nn.Module):
@@ -73,8 +126,13 @@ class TiTokEncoder(nn.Module):
         self.proj = nn.Linear(width, out_dim)
 
         self.apply(init_vit_weights)
-        for p in (self.pos_embed, self.latent_tokens, self.latent_pos_embed):
+        for p in (self.latent_tokens, self.latent_pos_embed):
             trunc_normal_(p, std=0.02)
+        # Patch positions start at the scale of the patch embeddings (~0.3 per channel; MAE's fixed
+        # sin-cos table is larger still), not ViT's 0.02: at 0.02 the pre-norm blocks barely see
+        # where a patch is, near-uniform attention pools a bag of patches, and tiny models sit for
+        # a thousand steps at one flat colour per image (docs/rd32.md).
+        trunc_normal_(self.pos_embed, std=ENCODER_POS_STD)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embed(images) + self.pos_embed
@@ -91,14 +149,16 @@ class TiTokDecoder(nn.Module):
     token after the input projection, so nothing of those tokens reaches the blocks. The
     sequence is [one mask query per image patch (+ patch position)] + [K latent slots
     (+ latent position)]; full bidirectional attention is safe because hidden slots carry only
-    the mask token. Each patch query predicts its patch's pixels.
+    the mask token. The patch queries' outputs become pixels through ``head`` (see
+    :func:`pixel_head`; ``head_channels`` is its C).
     """
 
     def __init__(self, image_size: int, patch_size: int, num_tokens: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float, in_dim: int) -> None:
+                 mlp_ratio: float, in_dim: int, head: str = "linear", head_channels: int = 16) -> None:
         super().__init__()
         self.image_size, self.patch_size, self.num_tokens = image_size, patch_size, num_tokens
         self.grid = image_size // patch_size
+        self.head_kind = head
         num_patches = self.grid * self.grid
         self.proj_in = nn.Linear(in_dim, width)
         self.mask_token = nn.Parameter(torch.zeros(width))
@@ -107,7 +167,7 @@ class TiTokDecoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, width))
         self.blocks = make_blocks(width, depth, heads, mlp_ratio)
         self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, patch_size * patch_size * 3)
+        self.head, self.refine = pixel_head(head, width, patch_size, head_channels)
 
         self.apply(init_vit_weights)
         for p in (self.mask_token, self.latent_pos_embed, self.patch_query, self.pos_embed):
@@ -115,8 +175,9 @@ class TiTokDecoder(nn.Module):
 
     @property
     def last_layer(self) -> nn.Parameter:
-        """The pixel head's weight (the adaptive GAN weight balances gradients at it)."""
-        return self.head.weight
+        """The weight that outputs pixels (the adaptive GAN weight balances gradients at it)."""
+        convs = [m for m in self.refine.modules() if isinstance(m, nn.Conv2d)]
+        return convs[-1].weight if convs else self.head.weight
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, k, in_dim); lengths: optional (B,) long tokens kept per sample."""
@@ -129,5 +190,11 @@ class TiTokDecoder(nn.Module):
         latents = latents + self.latent_pos_embed
         queries = (self.patch_query + self.pos_embed).expand(tokens.shape[0], -1, -1)
         x = self.blocks(torch.cat([queries, latents], dim=1))
-        x = self.norm(x[:, : queries.shape[1]])
-        return unpatchify(self.head(x), self.grid, self.patch_size)
+        return self.to_pixels(self.norm(x[:, : queries.shape[1]]))
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The output head alone: patch-query outputs (B, grid*grid, width) -> (B, 3, H, W), unclamped."""
+        x = self.head(x)
+        if self.head_kind == "upsample":
+            return self.refine(unpatchify(x, self.grid, 1, x.shape[-1]))
+        return self.refine(unpatchify(x, self.grid, self.patch_size, x.shape[-1] // self.patch_size**2))

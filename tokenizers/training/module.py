@@ -36,6 +36,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import SumMetric
 
 from vistok.eval.metrics import ReconstructionEvaluator
+from vistok.eval.plots import labelled_rows
 from vistok.eval.rate_distortion import halving_token_counts
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.export import TOKENIZER_PREFIX, add_prefix, strip_prefix, vistok_version
@@ -157,7 +158,7 @@ class TokenizerModule(pl.LightningModule):
                                                  token_dim=self.tokenizer.token_dim)
         self.val_images = SumMetric()  # validation images seen, summed over ranks
         self.last_val_metrics: dict[str, float] = {}
-        self.latest_grid: torch.Tensor | None = None  # (3, H', W') in [0, 1], set by validation
+        self.latest_grid: torch.Tensor | None = None  # (3, H', W') in [0, 1], labelled rows, set by validation
         self._grid_rows: list[torch.Tensor] | None = None  # the first validation batch, then its reconstructions
 
         # Names of the tracked loss terms, fixed so a NaN record has one shape from the first step.
@@ -405,10 +406,8 @@ class TokenizerModule(pl.LightningModule):
             return
         self.last_val_metrics = metrics
         if self._grid_rows is not None:
-            from torchvision.utils import make_grid
-
-            rows = self._grid_rows
-            self.latest_grid = make_grid(torch.cat(rows), nrow=rows[0].shape[0], padding=1, pad_value=1.0)
+            labels = ["original"] + [f"{k} tokens, {results[k]['psnr']:.1f} dB" for k in self.val_token_counts]
+            self.latest_grid = labelled_rows(list(zip(labels, self._grid_rows)))
 
     # ------------------------------------------------------------------ checkpoints
 
