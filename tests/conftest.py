@@ -42,7 +42,7 @@ def smooth_images(n: int, size: int = 16, seed: int = 0):
 @pytest.fixture(scope="session")
 def fitted_tokenizer():
     """(tokenizer, images): a tiny FSQ TiTok (16 px, 8 tokens) fitted for a few seconds to 16 smooth
-    images, so its tokens carry the images (PSNR about 20 dB at 8 tokens, lower at shorter prefixes)."""
+    images, so its tokens carry the images (PSNR about 30 dB at 8 tokens, 12-17 dB at 1-4)."""
     import torch
     import torch.nn.functional as F
 
@@ -51,8 +51,10 @@ def fitted_tokenizer():
     torch.manual_seed(0)
     tokenizer = build_tokenizer(image_size=16, num_tokens=8)
     images = smooth_images(16)
-    opt = torch.optim.Adam(tokenizer.parameters(), lr=3e-3)
-    for _ in range(120):
+    # 300 steps at 1e-3: at 120 steps and 3e-3 the result hung on the initial draw (8-token PSNR from
+    # 14 to 19 dB across seeds, some prefixes no better than shorter ones); this fits every seed tried
+    opt = torch.optim.Adam(tokenizer.parameters(), lr=1e-3)
+    for _ in range(300):
         out = tokenizer.train()(images)
         loss = F.mse_loss(out.reconstruction, images) + out.quantizer.loss
         opt.zero_grad()
