@@ -389,6 +389,16 @@ def test_conv_heads_cross_patch_borders_and_keep_the_mean_colour(head: str) -> N
         assert (shifted - base).abs().mean() > 1e-3
 
 
+def test_encoder_pos_std_sets_the_patch_positions_scale_and_enters_the_config_only_when_not_the_default() -> None:
+    default = tiny("titok")
+    assert "encoder_pos_std" not in default.config  # existing configs (and fingerprints) unchanged
+    assert 0.01 < float(default.encoder.pos_embed.std()) < 0.03
+    wide = tiny("titok", encoder_pos_std=0.5)
+    assert wide.config["encoder_pos_std"] == 0.5 and build_tokenizer(**wide.config).config == wide.config
+    assert 0.4 < float(wide.encoder.pos_embed.std()) < 0.6
+    assert float(wide.encoder.latent_tokens.std()) < 0.03  # only the patch positions change
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -407,6 +417,7 @@ def test_conv_heads_cross_patch_borders_and_keep_the_mean_colour(head: str) -> N
         (dict(arch="titok", num_tokens=4, token_dropout={"min_tokens": 5}), "min_tokens 5 exceeds"),
         (dict(arch="titok", token_dropout={"rate": 0.5}), "unknown token_dropout setting"),
         (dict(arch="titok", decoder_head="deconv"), "unknown decoder_head 'deconv'"),
+        (dict(arch="titok", encoder_pos_std=2.0), "encoder_pos_std must be a number in"),
         (dict(arch="titok", image_size=24, patch_size=6, decoder_head="upsample"), "power-of-two patch_size"),
     ],
 )

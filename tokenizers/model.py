@@ -21,7 +21,7 @@ from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.quantizers import Quantizer, QuantizerOutput, build_quantizer
 from vistok.tokenizers.token_dropout import TailTokenDropout
 from vistok.tokenizers.token_perturb import TokenPerturbation
-from vistok.tokenizers.transformer import TiTokDecoder, TiTokEncoder
+from vistok.tokenizers.transformer import ENCODER_POS_STD, TiTokDecoder, TiTokEncoder
 
 # Sizes follow TiTok S/B/L (patch 16 at 256 px; default K = 128/64/32 as in the paper's
 # S-128, B-64, L-32) and VQGAN f8/f16. "tiny" presets train on a CPU at 16-32 px.
@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # decoder_* default to the encoder's value (TiTok uses a decoder of the encoder's size).
 OVERRIDES = {
     "titok": ("width", "depth", "heads", "mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads",
-              "decoder_head", "decoder_head_channels"),
+              "decoder_head", "decoder_head_channels", "encoder_pos_std"),
     "conv": ("channels", "channel_mult", "num_res_blocks", "mid_attention", "dropout"),
 }
 
@@ -252,7 +252,8 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
         token_perturb: None (no token perturbation) or ``TokenPerturbation`` kwargs (discrete tokens only).
         **overrides: titok: width, depth, heads, mlp_ratio, decoder_width, decoder_depth,
             decoder_heads, decoder_head (linear | conv | upsample, see
-            :func:`~vistok.tokenizers.transformer.pixel_head`), decoder_head_channels; conv: channels,
+            :func:`~vistok.tokenizers.transformer.pixel_head`), decoder_head_channels, encoder_pos_std
+            (initial std of the encoder's patch positions, default 0.02); conv: channels,
             channel_mult, num_res_blocks, mid_attention, dropout;
             named architectures: their module's OVERRIDES.
     """
@@ -292,11 +293,17 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
         if head["decoder_head"] != "linear":
             # only then: configs (and so fingerprints) of linear-head tokenizers stay what they were
             settings.update(head)
+        pos_std = settings.pop("encoder_pos_std", None) or ENCODER_POS_STD
+        if isinstance(pos_std, bool) or not isinstance(pos_std, (int, float)) or not 0 < pos_std <= 1:
+            raise VistokError(f"encoder_pos_std must be a number in (0, 1], got {pos_std!r}; fix the encoder_pos_std setting.")
+        if pos_std != ENCODER_POS_STD:
+            settings["encoder_pos_std"] = float(pos_std)  # only then, as for decoder_head
         if arch == "titok_original":
             encoder, decoder = titok_original.build(image_size, patch_size, num_tokens, quantizer_module, settings)
         else:
             encoder = TiTokEncoder(image_size, patch_size, num_tokens, settings["width"], settings["depth"],
-                                   settings["heads"], settings["mlp_ratio"], out_dim=quantizer_module.in_dim)
+                                   settings["heads"], settings["mlp_ratio"], out_dim=quantizer_module.in_dim,
+                                   pos_std=float(pos_std))
             decoder = TiTokDecoder(image_size, patch_size, num_tokens, settings["decoder_width"],
                                    settings["decoder_depth"], settings["decoder_heads"], settings["mlp_ratio"], in_dim=dim,
                                    head=head["decoder_head"], head_channels=head["decoder_head_channels"])

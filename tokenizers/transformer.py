@@ -19,8 +19,8 @@ from vistok.tokenizers.token_dropout import keep_mask, pad_with_mask_token
 
 # How the decoder's patch queries become pixels; see pixel_head.
 DECODER_HEADS = ("linear", "conv", "upsample")
-# Initial std of the encoder's patch position embeddings (see TiTokEncoder.__init__).
-ENCODER_POS_STD = 0.5
+# Default initial std of the encoder's patch position embeddings (ViT's; see TiTokEncoder).
+ENCODER_POS_STD = 0.02
 
 
 def make_blocks(width: int, depth: int, heads: int, mlp_ratio: float) -> nn.Sequential:
@@ -110,10 +110,14 @@ class TiTokEncoder(nn.Module):
         num_tokens: K, the number of learned latent tokens (the output sequence length).
         width, depth, heads, mlp_ratio: transformer size.
         out_dim: D, the quantizer's input dimension.
+        pos_std: initial std of the patch position embeddings. ViT's 0.02 is the default. Tiny models
+            train faster from 0.5, the scale of the patch embeddings (about 0.3 per channel): at 0.02 the
+            pre-norm blocks barely see where a patch is, near-uniform attention pools a bag of patches,
+            and they sit for a thousand steps at one flat colour per image (docs/rd32.md).
     """
 
     def __init__(self, image_size: int, patch_size: int, num_tokens: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float, out_dim: int) -> None:
+                 mlp_ratio: float, out_dim: int, pos_std: float = ENCODER_POS_STD) -> None:
         super().__init__()
         self.image_size, self.patch_size, self.num_tokens = image_size, patch_size, num_tokens
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans=3, embed_dim=width)
@@ -126,13 +130,8 @@ class TiTokEncoder(nn.Module):
         self.proj = nn.Linear(width, out_dim)
 
         self.apply(init_vit_weights)
-        for p in (self.latent_tokens, self.latent_pos_embed):
-            trunc_normal_(p, std=0.02)
-        # Patch positions start at the scale of the patch embeddings (~0.3 per channel; MAE's fixed
-        # sin-cos table is larger still), not ViT's 0.02: at 0.02 the pre-norm blocks barely see
-        # where a patch is, near-uniform attention pools a bag of patches, and tiny models sit for
-        # a thousand steps at one flat colour per image (docs/rd32.md).
-        trunc_normal_(self.pos_embed, std=ENCODER_POS_STD)
+        for p, std in ((self.pos_embed, pos_std), (self.latent_tokens, 0.02), (self.latent_pos_embed, 0.02)):
+            trunc_normal_(p, std=std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embed(images) + self.pos_embed
