@@ -73,6 +73,11 @@ def test_decode_with_lengths_and_a_shorter_num_tokens_and_bad_lengths(files, cap
                         "--out", str(tmp_path / "t.npz")]) == 0
     data = dict(np.load(tmp_path / "t.npz"))
     assert data["tokens"].shape[1] == 6 and data["lengths"].max() <= 6
+    # which images stop before 3 tokens depends on the fit; make two of them do so, whatever the fit
+    data["lengths"][:2] = [1, 2]
+    data["tokens"][0, 1:] = PAD_INDEX
+    data["tokens"][1, 2:] = PAD_INDEX
+    np.savez(tmp_path / "t.npz", **data)
     assert vistok_main(["decode", str(ckpt), str(tmp_path / "t.npz"), "--num-tokens", "3", "--out", str(tmp_path / "d")]) == 0
     capped = np.minimum(data["lengths"], 3)  # per image: its own length, at most the prefix asked for
     assert capped.min() < 3 and f"mean {capped.mean():.2f}, {capped.min()} to 3 of 8 tokens" in capsys.readouterr().out
