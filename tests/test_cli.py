@@ -45,7 +45,7 @@ def test_both_training_entry_points_refuse_bad_settings_alike(tmp_path, entry):
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"{entry}: error: unknown quantizer 'nope'; choose one of fsq, fsq_flextok, gaussian, lfq, soft, vq, vq_titok, vq_vqgan (files in configs/quantizer/)."
+        f"{entry}: error: unknown quantizer 'nope'; choose one of fsq, fsq_flextok, gaussian, lfq, lfq_magvit2, soft, vq, vq_titok, vq_vqgan (files in configs/quantizer/)."
     ]
 
 

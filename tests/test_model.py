@@ -399,6 +399,40 @@ def test_encoder_pos_std_sets_the_patch_positions_scale_and_enters_the_config_on
     assert float(wide.encoder.latent_tokens.std()) < 0.03  # only the patch positions change
 
 
+def footprints(tok: ImageTokenizer) -> torch.Tensor:
+    """(patches, K): how much each latent token moves when one patch of the images is redrawn, per token normalised."""
+    images = torch.rand(4, 3, tok.image_size, tok.image_size, generator=torch.Generator().manual_seed(1))
+    p, grid = tok.patch_size, tok.image_size // tok.patch_size
+    with torch.no_grad():
+        base = tok.encoder(images * 2 - 1)
+        moved = []
+        for index in range(grid * grid):
+            row, col = divmod(index, grid)
+            redrawn = images.clone()
+            redrawn[:, :, row * p:(row + 1) * p, col * p:(col + 1) * p] = 1 - redrawn[:, :, row * p:(row + 1) * p, col * p:(col + 1) * p]
+            moved.append((tok.encoder(redrawn * 2 - 1) - base).norm(dim=-1).mean(0))
+    sensitivity = torch.stack(moved)
+    return sensitivity / sensitivity.sum(0, keepdim=True)
+
+
+def test_attn_bias_gives_each_latent_token_its_own_footprint_from_the_start() -> None:
+    """At ViT's initialisation every latent token pools about the same average of all patches (the
+    flat-colour plateau of docs/rd32.md); a random attention bias makes their footprints differ."""
+    plain = tiny("titok")
+    assert "attn_bias_std" not in plain.config and plain.encoder.attn_bias is None  # old configs unchanged
+    torch.manual_seed(0)
+    biased = tiny("titok", attn_bias_std=1.0)
+    assert biased.config["attn_bias_std"] == 1.0 and build_tokenizer(**biased.config).config == biased.config
+    sequence = (biased.image_size // biased.patch_size) ** 2 + biased.max_tokens
+    assert biased.encoder.attn_bias.shape == biased.decoder.attn_bias.shape == (1, 2, sequence, sequence)
+    assert 0.9 < float(biased.encoder.attn_bias.std()) < 1.1
+    spread_plain, spread_biased = footprints(plain).std(dim=1).mean(), footprints(biased).std(dim=1).mean()
+    assert spread_biased > 3 * spread_plain
+    # the bias is trained: reconstruction gradients reach both
+    biased(images_for(biased)).reconstruction.mean().backward()
+    assert biased.encoder.attn_bias.grad.abs().sum() > 0 and biased.decoder.attn_bias.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -418,6 +452,8 @@ def test_encoder_pos_std_sets_the_patch_positions_scale_and_enters_the_config_on
         (dict(arch="titok", token_dropout={"rate": 0.5}), "unknown token_dropout setting"),
         (dict(arch="titok", decoder_head="deconv"), "unknown decoder_head 'deconv'"),
         (dict(arch="titok", encoder_pos_std=2.0), "encoder_pos_std must be a number in"),
+        (dict(arch="titok", attn_bias_std=-1.0), "attn_bias_std must be a number in"),
+        (dict(arch="titok_original", attn_bias_std=1.0), "unknown titok_original setting"),
         (dict(arch="titok", image_size=24, patch_size=6, decoder_head="upsample"), "power-of-two patch_size"),
     ],
 )

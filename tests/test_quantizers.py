@@ -284,6 +284,33 @@ LFQ_MEMORY_CHILD = textwrap.dedent(
 )
 
 
+def test_the_lfq_option_leaves_reconstruction_in_charge_and_lfq_magvit2_keeps_the_paper():
+    """configs/quantizer/lfq.yaml scales MAGVIT-v2's weights to vistok's loss scale (docs/rd32.md).
+
+    At the paper's weights the auxiliary loss of latents at an encoder's initial scale (std 0.25)
+    is an order of magnitude above a pixel MSE of ~0.01, which is what kept LFQ at one flat colour
+    per image in rd32; the option's weights keep it well below that.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from vistok.tokenizers.training.settings import CONFIG_DIR
+
+    def option(name: str):
+        return OmegaConf.load(CONFIG_DIR / "quantizer" / f"{name}.yaml")
+
+    lfq_option = option("lfq")
+    magvit2 = OmegaConf.merge(lfq_option, option("lfq_magvit2"))
+    del magvit2["defaults"]
+    assert (magvit2.dim, magvit2.entropy_weight, magvit2.commitment_weight) == (18, 0.1, 0.25)
+    latents = torch.randn(32, 64, lfq_option.dim, generator=torch.Generator().manual_seed(0)) * 0.25
+    ours = instantiate(lfq_option)(latents).loss.abs().item()
+    paper = instantiate(lfq_option, entropy_weight=magvit2.entropy_weight,
+                        commitment_weight=magvit2.commitment_weight)(latents).loss.abs().item()
+    assert paper > 0.1 > 0.01 > ours
+    assert ours == pytest.approx(paper / 100, rel=1e-3)  # the paper's ratio, scaled
+
+
 def test_lfq_entropy_at_2_18_codes_stays_within_memory_bound():
     """2^18 codes, 8192 tokens: a (tokens x codes) float32 matrix alone would take 8 GiB.
 

@@ -256,7 +256,7 @@ def test_train_py_config_errors_exit_2_with_one_sentence(tmp_path):
     (tmp_path / "a-file").write_text("")
     (tmp_path / "notes.ckpt").write_text("not a checkpoint\n")
     for args, message in (
-        (["quantizer=nope"], "unknown quantizer 'nope'; choose one of fsq, fsq_flextok, gaussian, lfq, soft, vq, vq_titok, vq_vqgan"),
+        (["quantizer=nope"], "unknown quantizer 'nope'; choose one of fsq, fsq_flextok, gaussian, lfq, lfq_magvit2, soft, vq, vq_titok, vq_vqgan"),
         (["validation.token_counts=[1,64]", f"run_dir={tmp_path / 'run'}"], "validation.token_counts has 64"),
         ([f"run_dir={tmp_path / 'a-file' / 'run'}"], f"run_dir {tmp_path / 'a-file' / 'run'} is inside {tmp_path / 'a-file'}, which is a file"),
         # refused inside the run, after Hydra made the dated run folder: the folder goes again

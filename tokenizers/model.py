@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # decoder_* default to the encoder's value (TiTok uses a decoder of the encoder's size).
 OVERRIDES = {
     "titok": ("width", "depth", "heads", "mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads",
-              "decoder_head", "decoder_head_channels", "encoder_pos_std"),
+              "decoder_head", "decoder_head_channels", "encoder_pos_std", "attn_bias_std"),
     "conv": ("channels", "channel_mult", "num_res_blocks", "mid_attention", "dropout"),
 }
 
@@ -253,7 +253,8 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
         **overrides: titok: width, depth, heads, mlp_ratio, decoder_width, decoder_depth,
             decoder_heads, decoder_head (linear | conv | upsample, see
             :func:`~vistok.tokenizers.transformer.pixel_head`), decoder_head_channels, encoder_pos_std
-            (initial std of the encoder's patch positions, default 0.02); conv: channels,
+            (initial std of the encoder's patch positions, default 0.02), attn_bias_std (initial std of a
+            learned attention bias per block and head over the fixed sequence, default none); conv: channels,
             channel_mult, num_res_blocks, mid_attention, dropout;
             named architectures: their module's OVERRIDES.
     """
@@ -298,15 +299,21 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
             raise VistokError(f"encoder_pos_std must be a number in (0, 1], got {pos_std!r}; fix the encoder_pos_std setting.")
         if pos_std != ENCODER_POS_STD:
             settings["encoder_pos_std"] = float(pos_std)  # only then, as for decoder_head
+        bias_std = settings.pop("attn_bias_std", None)
+        if bias_std is not None:
+            if isinstance(bias_std, bool) or not isinstance(bias_std, (int, float)) or not 0 <= bias_std <= 10:
+                raise VistokError(f"attn_bias_std must be a number in [0, 10] (or null for no bias), got {bias_std!r}; fix the attn_bias_std setting.")
+            bias_std = settings["attn_bias_std"] = float(bias_std)
         if arch == "titok_original":
             encoder, decoder = titok_original.build(image_size, patch_size, num_tokens, quantizer_module, settings)
         else:
             encoder = TiTokEncoder(image_size, patch_size, num_tokens, settings["width"], settings["depth"],
                                    settings["heads"], settings["mlp_ratio"], out_dim=quantizer_module.in_dim,
-                                   pos_std=float(pos_std))
+                                   pos_std=float(pos_std), attn_bias_std=bias_std)
             decoder = TiTokDecoder(image_size, patch_size, num_tokens, settings["decoder_width"],
                                    settings["decoder_depth"], settings["decoder_heads"], settings["mlp_ratio"], in_dim=dim,
-                                   head=head["decoder_head"], head_channels=head["decoder_head_channels"])
+                                   head=head["decoder_head"], head_channels=head["decoder_head_channels"],
+                                   attn_bias_std=bias_std)
     else:
         settings["channel_mult"] = [int(m) for m in settings["channel_mult"]]
         _check_int("channels", settings["channels"], minimum=1)

@@ -24,6 +24,7 @@ A prefix of k < K tokens decodes as in the original (the decoder attends only to
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch import nn
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.maskgit_vqgan import MaskGITDecoder
 from vistok.tokenizers.token_dropout import keep_mask
-from vistok.tokenizers.transformer import init_vit_weights, make_blocks, unpatchify
+from vistok.tokenizers.transformer import init_vit_weights, make_blocks, run_blocks, unpatchify
 
 # TiTok's size table (modeling/modules/blocks.py). "tiny" is the reference fixtures' extra entry.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -45,12 +46,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 OVERRIDES = ("width", "depth", "heads", "mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads",
              "legacy_reshape", "pixel_decoder")
-
-
-def _blocks(x: torch.Tensor, blocks: nn.Sequential, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    for block in blocks:
-        x = block(x, attn_mask=attn_mask)
-    return x
 
 
 class OriginalTiTokEncoder(nn.Module):
@@ -77,7 +72,7 @@ class OriginalTiTokEncoder(nn.Module):
         b, num_patches = patches.shape[:2]
         x = torch.cat([self.class_embedding.expand(b, 1, -1), patches], dim=1) + self.pos_embed
         latents = (self.latent_tokens + self.latent_pos_embed).expand(b, -1, -1)
-        x = _blocks(self.ln_pre(torch.cat([x, latents], dim=1)), self.blocks)
+        x = run_blocks(self.blocks, self.ln_pre(torch.cat([x, latents], dim=1)))
         x = self.ln_post(x[:, 1 + num_patches:])  # (B, K, width)
         if self.legacy_reshape:
             x = x.reshape(b, x.shape[2], x.shape[1]).transpose(1, 2)
@@ -138,7 +133,7 @@ class OriginalTiTokDecoder(nn.Module):
         latents = self.proj_in(tokens) + self.latent_pos_embed[:k]
         queries = torch.cat([self.class_embedding.expand(b, 1, -1), self.mask_token.expand(b, self.grid * self.grid, -1)], dim=1)
         x = torch.cat([queries + self.pos_embed, latents], dim=1)
-        x = _blocks(self.ln_pre(x), self.blocks, attn_mask)
+        x = run_blocks(self.blocks, self.ln_pre(x), None if attn_mask is None else itertools.repeat(attn_mask))
         return self.ln_post(x[:, 1:num_queries])
 
     def proxy_logits(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,6 +8,8 @@ Both use timm's ViT ``Block`` with attention forced through
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.layers.attention import Attention
@@ -34,6 +36,35 @@ def make_blocks(width: int, depth: int, heads: int, mlp_ratio: float) -> nn.Sequ
             # manual path materialises (N x N) attention maps per head, which we never want here.
             module.fused_attn = True
     return blocks
+
+
+def attention_bias(depth: int, heads: int, length: int, std: float | None) -> nn.Parameter | None:
+    """A learned bias (depth, heads, L, L) added to every attention logit over a fixed sequence of L
+    positions, drawn at ``std``; None when ``std`` is None (TiTok's blocks, no bias).
+
+    At ViT's initialisation every query scores every key about equally, so each latent token pools the
+    same average of all patches and each patch query reads the same average of all tokens: the model
+    starts as one flat colour per image and leaves that only once Q.K products have learnt where
+    things are (1,000-1,500 steps at rd32's scale). A random bias gives every latent token its own
+    spatial footprint from the first step, and the bias itself learns routing directly, not through
+    the product of two small matrices (docs/rd32.md).
+    """
+    if std is None:
+        return None
+    bias = nn.Parameter(torch.zeros(depth, heads, length, length))
+    nn.init.normal_(bias, std=std)
+    return bias
+
+
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, masks: Iterable[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """``x`` (B, L, width) through ``blocks``; block i's attention takes ``masks[i]`` (SDPA's ``attn_mask``:
+    boolean keep-mask or additive float bias, broadcastable to (B, heads, L, L)), e.g. one row of
+    :func:`attention_bias` per block, or ``itertools.repeat(mask)`` for the same mask everywhere."""
+    if masks is None:
+        return blocks(x)
+    for block, mask in zip(blocks, masks):
+        x = block(x, attn_mask=mask)
+    return x
 
 
 def init_vit_weights(module: nn.Module) -> None:
@@ -114,10 +145,13 @@ class TiTokEncoder(nn.Module):
             train faster from 0.5, the scale of the patch embeddings (about 0.3 per channel): at 0.02 the
             pre-norm blocks barely see where a patch is, near-uniform attention pools a bag of patches,
             and they sit for a thousand steps at one flat colour per image (docs/rd32.md).
+        attn_bias_std: None (TiTok) or the initial std of a learned attention bias per block and head
+            over the patches + latent tokens (see :func:`attention_bias`).
     """
 
     def __init__(self, image_size: int, patch_size: int, num_tokens: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float, out_dim: int, pos_std: float = ENCODER_POS_STD) -> None:
+                 mlp_ratio: float, out_dim: int, pos_std: float = ENCODER_POS_STD,
+                 attn_bias_std: float | None = None) -> None:
         super().__init__()
         self.image_size, self.patch_size, self.num_tokens = image_size, patch_size, num_tokens
         self.patch_embed = PatchEmbed(image_size, patch_size, in_chans=3, embed_dim=width)
@@ -130,13 +164,14 @@ class TiTokEncoder(nn.Module):
         self.proj = nn.Linear(width, out_dim)
 
         self.apply(init_vit_weights)
+        self.attn_bias = attention_bias(depth, heads, num_patches + num_tokens, attn_bias_std)
         for p, std in ((self.pos_embed, pos_std), (self.latent_tokens, 0.02), (self.latent_pos_embed, 0.02)):
             trunc_normal_(p, std=std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embed(images) + self.pos_embed
         latents = (self.latent_tokens + self.latent_pos_embed).expand(images.shape[0], -1, -1)
-        x = self.blocks(torch.cat([patches, latents], dim=1))
+        x = run_blocks(self.blocks, torch.cat([patches, latents], dim=1), self.attn_bias)
         x = self.norm(x[:, patches.shape[1]:])
         return self.proj(x)
 
@@ -149,11 +184,12 @@ class TiTokDecoder(nn.Module):
     sequence is [one mask query per image patch (+ patch position)] + [K latent slots
     (+ latent position)]; full bidirectional attention is safe because hidden slots carry only
     the mask token. The patch queries' outputs become pixels through ``head`` (see
-    :func:`pixel_head`; ``head_channels`` is its C).
+    :func:`pixel_head`; ``head_channels`` is its C). ``attn_bias_std``: as in :class:`TiTokEncoder`.
     """
 
     def __init__(self, image_size: int, patch_size: int, num_tokens: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float, in_dim: int, head: str = "linear", head_channels: int = 16) -> None:
+                 mlp_ratio: float, in_dim: int, head: str = "linear", head_channels: int = 16,
+                 attn_bias_std: float | None = None) -> None:
         super().__init__()
         self.image_size, self.patch_size, self.num_tokens = image_size, patch_size, num_tokens
         self.grid = image_size // patch_size
@@ -171,6 +207,7 @@ class TiTokDecoder(nn.Module):
         self.apply(init_vit_weights)
         for p in (self.mask_token, self.latent_pos_embed, self.patch_query, self.pos_embed):
             trunc_normal_(p, std=0.02)
+        self.attn_bias = attention_bias(depth, heads, num_patches + num_tokens, attn_bias_std)
 
     @property
     def last_layer(self) -> nn.Parameter:
@@ -188,7 +225,7 @@ class TiTokDecoder(nn.Module):
         latents = pad_with_mask_token(self.proj_in(tokens), self.mask_token, self.num_tokens, lengths)
         latents = latents + self.latent_pos_embed
         queries = (self.patch_query + self.pos_embed).expand(tokens.shape[0], -1, -1)
-        x = self.blocks(torch.cat([queries, latents], dim=1))
+        x = run_blocks(self.blocks, torch.cat([queries, latents], dim=1), self.attn_bias)
         return self.to_pixels(self.norm(x[:, : queries.shape[1]]))
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
