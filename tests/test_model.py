@@ -399,6 +399,23 @@ def test_encoder_pos_std_sets_the_patch_positions_scale_and_enters_the_config_on
     assert float(wide.encoder.latent_tokens.std()) < 0.03  # only the patch positions change
 
 
+def test_decoder_patch_size_gives_the_decoder_its_own_grid_of_queries() -> None:
+    same = tiny("titok", decoder_patch_size=TINY["titok"]["patch_size"])
+    assert "decoder_patch_size" not in same.config and "decoder_patch_size" not in tiny("titok").config
+    tok = tiny("titok", decoder_patch_size=2, decoder_head="conv", decoder_head_channels=4, attn_bias_std=1.0)
+    assert tok.config["decoder_patch_size"] == 2 and build_tokenizer(**tok.config).config == tok.config
+    assert tok.patch_size == tok.encoder.patch_size != tok.decoder.patch_size == 2  # the encoder keeps its patches
+    queries = (tok.image_size // 2) ** 2
+    assert tok.decoder.pos_embed.shape[1] == queries
+    assert tok.decoder.attn_bias.shape[-1] == queries + tok.max_tokens != tok.encoder.attn_bias.shape[-1]
+    x = images_for(tok)
+    with torch.no_grad():
+        for k in (1, tok.max_tokens):
+            assert tok.eval().decode(tok.encode(x)[:, :k]).shape == x.shape
+    F.mse_loss(tok.train()(x).reconstruction, x).backward()
+    assert tok.encoder.proj.weight.grad.abs().sum() > 0 and tok.decoder.pos_embed.grad.abs().sum() > 0
+
+
 def footprints(tok: ImageTokenizer) -> torch.Tensor:
     """(patches, K): how much each latent token moves when one patch of the images is redrawn, per token normalised."""
     images = torch.rand(4, 3, tok.image_size, tok.image_size, generator=torch.Generator().manual_seed(1))
@@ -455,6 +472,15 @@ def test_attn_bias_gives_each_latent_token_its_own_footprint_from_the_start() ->
         (dict(arch="titok", attn_bias_std=-1.0), "attn_bias_std must be a number in"),
         (dict(arch="titok_original", attn_bias_std=1.0), "unknown titok_original setting"),
         (dict(arch="titok", image_size=24, patch_size=6, decoder_head="upsample"), "power-of-two patch_size"),
+        # 0 is a bad value, not "unset": it must not fall back to the default
+        (dict(arch="titok", decoder_head="conv", decoder_head_channels=0), "decoder_head_channels must be an integer >= 1"),
+        (dict(arch="titok", decoder_width=0), "decoder_width must be an integer >= 1"),
+        (dict(arch="titok", decoder_heads=0), "decoder_heads must be an integer >= 1"),
+        (dict(arch="titok", encoder_pos_std=0), "encoder_pos_std must be a number in"),
+        (dict(arch="titok", decoder_head=""), "unknown decoder_head ''"),
+        (dict(arch="titok", decoder_patch_size=0), "decoder_patch_size must be an integer >= 1"),
+        (dict(arch="titok", image_size=32, decoder_patch_size=3), "image_size 32 is not a multiple of decoder_patch_size 3"),
+        (dict(arch="titok_original", decoder_patch_size=2), "unknown titok_original setting"),
     ],
 )
 def test_build_tokenizer_rejects_bad_settings(kwargs: dict, message: str) -> None:

@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # decoder_* default to the encoder's value (TiTok uses a decoder of the encoder's size).
 OVERRIDES = {
     "titok": ("width", "depth", "heads", "mlp_ratio", "decoder_width", "decoder_depth", "decoder_heads",
-              "decoder_head", "decoder_head_channels", "encoder_pos_std", "attn_bias_std"),
+              "decoder_patch_size", "decoder_head", "decoder_head_channels", "encoder_pos_std", "attn_bias_std"),
     "conv": ("channels", "channel_mult", "num_res_blocks", "mid_attention", "dropout"),
 }
 
@@ -251,7 +251,8 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
         token_dropout: None (no tail-token dropout) or ``TailTokenDropout`` kwargs.
         token_perturb: None (no token perturbation) or ``TokenPerturbation`` kwargs (discrete tokens only).
         **overrides: titok: width, depth, heads, mlp_ratio, decoder_width, decoder_depth,
-            decoder_heads, decoder_head (linear | conv | upsample, see
+            decoder_heads, decoder_patch_size (the decoder's patch queries; default the encoder's
+            patch_size), decoder_head (linear | conv | upsample, see
             :func:`~vistok.tokenizers.transformer.pixel_head`), decoder_head_channels, encoder_pos_std
             (initial std of the encoder's patch positions, default 0.02), attn_bias_std (initial std of a
             learned attention bias per block and head over the fixed sequence, default none); conv: channels,
@@ -282,19 +283,25 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
             raise VistokError(f"image_size {image_size} is not a multiple of patch_size {patch_size}; choose an image_size divisible by {patch_size} or another patch_size.")
         for name in ("width", "depth", "heads"):
             _check_int(name, settings[name], minimum=1)
-            settings[f"decoder_{name}"] = settings.get(f"decoder_{name}") or settings[name]
+            settings[f"decoder_{name}"] = _setting(settings, f"decoder_{name}", settings[name])
             _check_int(f"decoder_{name}", settings[f"decoder_{name}"], minimum=1)
         for prefix in ("", "decoder_"):
             if settings[f"{prefix}width"] % settings[f"{prefix}heads"]:
                 raise VistokError(f"{prefix}width {settings[f'{prefix}width']} is not divisible by {prefix}heads {settings[f'{prefix}heads']}; choose heads that divide the width.")
         settings["mlp_ratio"] = float(settings["mlp_ratio"])
-        head = {"decoder_head": settings.pop("decoder_head", None) or "linear",
-                "decoder_head_channels": settings.pop("decoder_head_channels", None) or 16}
+        head = {"decoder_head": _setting(settings, "decoder_head", "linear", pop=True),
+                "decoder_head_channels": _setting(settings, "decoder_head_channels", 16, pop=True)}
         _check_int("decoder_head_channels", head["decoder_head_channels"], minimum=1)
         if head["decoder_head"] != "linear":
             # only then: configs (and so fingerprints) of linear-head tokenizers stay what they were
             settings.update(head)
-        pos_std = settings.pop("encoder_pos_std", None) or ENCODER_POS_STD
+        decoder_patch_size = _setting(settings, "decoder_patch_size", patch_size, pop=True)
+        _check_int("decoder_patch_size", decoder_patch_size, minimum=1)
+        if image_size % decoder_patch_size:
+            raise VistokError(f"image_size {image_size} is not a multiple of decoder_patch_size {decoder_patch_size}; choose a decoder_patch_size that divides {image_size}.")
+        if decoder_patch_size != patch_size:
+            settings["decoder_patch_size"] = decoder_patch_size  # only then, as for decoder_head
+        pos_std = _setting(settings, "encoder_pos_std", ENCODER_POS_STD, pop=True)
         if isinstance(pos_std, bool) or not isinstance(pos_std, (int, float)) or not 0 < pos_std <= 1:
             raise VistokError(f"encoder_pos_std must be a number in (0, 1], got {pos_std!r}; fix the encoder_pos_std setting.")
         if pos_std != ENCODER_POS_STD:
@@ -310,7 +317,7 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
             encoder = TiTokEncoder(image_size, patch_size, num_tokens, settings["width"], settings["depth"],
                                    settings["heads"], settings["mlp_ratio"], out_dim=quantizer_module.in_dim,
                                    pos_std=float(pos_std), attn_bias_std=bias_std)
-            decoder = TiTokDecoder(image_size, patch_size, num_tokens, settings["decoder_width"],
+            decoder = TiTokDecoder(image_size, decoder_patch_size, num_tokens, settings["decoder_width"],
                                    settings["decoder_depth"], settings["decoder_heads"], settings["mlp_ratio"], in_dim=dim,
                                    head=head["decoder_head"], head_channels=head["decoder_head_channels"],
                                    attn_bias_std=bias_std)
@@ -379,6 +386,13 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
     return ImageTokenizer(encoder, quantizer_module, decoder, arch=arch, image_size=image_size,
                           max_tokens=num_tokens, patch_size=patch_size, token_dropout=dropout_module, config=config,
                           token_perturb=perturb_module)
+
+
+def _setting(settings: dict[str, Any], name: str, default: Any, pop: bool = False) -> Any:
+    """``settings[name]``, or ``default`` when it is absent or None. Not ``or``: a 0 must reach the
+    checks and fail there, not silently become the default."""
+    value = settings.pop(name, None) if pop else settings.get(name)
+    return default if value is None else value
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
