@@ -118,7 +118,8 @@ def test_the_command_line_choice_beats_the_experiments():
 # What each recipe trains: the option files carry the values the experiments used to set themselves.
 RECIPES = {
     "demo": ({"arch": "titok", "preset": "tiny", "image_size": 32, "patch_size": 8, "num_tokens": 16, "width": 128,
-              "heads": 4, "token_dropout": {"p": 0.5, "min_tokens": 1, "distribution": "uniform"}},
+              "heads": 4, "decoder_head": "conv", "encoder_pos_std": 0.5, "attn_bias_std": 1.0,
+              "token_dropout": {"p": 0.5, "min_tokens": 1, "distribution": "uniform"}},
              {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [8, 5, 5, 5]}),
     "rd32": ({"arch": "titok", "preset": "tiny", "image_size": 32, "patch_size": 8, "num_tokens": 64, "width": 128,
               "heads": 4, "decoder_head": "conv", "decoder_head_channels": 32, "encoder_pos_std": 0.5,

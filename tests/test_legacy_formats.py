@@ -75,7 +75,9 @@ def test_training_resumes_from_an_old_checkpoint(tmp_path):
     ckpt = tmp_path / "old.ckpt"
     shutil.copy(FIXTURES / "last.ckpt", ckpt)
     # The fixture's run (NOTES.md), two steps further; vq's defaults then had no dead-code restarts.
-    overrides = ["experiment=demo", "model.width=32", "model.heads=2", "model.depth=1", "model.num_tokens=8",
+    # The demo's model then had TiTok's linear head, ViT's position init and no attention bias.
+    overrides = ["experiment=demo", "model.decoder_head=null", "model.encoder_pos_std=null", "model.attn_bias_std=null",
+                 "model.width=32", "model.heads=2", "model.depth=1", "model.num_tokens=8",
                  "model.patch_size=8", "model.image_size=32", "quantizer=vq", "quantizer.codebook_size=64", "quantizer.dim=4",
                  "quantizer.dead_code_steps=0",
                  f"data.data_dir={tmp_path / 'data'}", "data.crops_per_photo=2", "data.val_crops_per_photo=1",

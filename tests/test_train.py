@@ -441,6 +441,24 @@ def test_bad_resume_checkpoints_are_refused_before_training_and_auto_falls_back(
         run_training(make_cfg(*base, "resume=auto", f"run_dir={run_dir}"), run_dir)
 
 
+def test_resuming_with_a_config_that_builds_another_model_is_one_sentence_before_training(fsq_run, data_dir, tmp_path,
+                                                                                         make_cfg):
+    """Say a recipe's model option changed since the run started: Lightning would fail inside fit with a
+    state-dict traceback; the run names the settings that differ instead, and writes nothing."""
+    good = fsq_run.run_dir / "checkpoints" / "last.ckpt"
+    base = [*tiny_overrides(data_dir, steps=6, val_every=6), "quantizer=fsq", *SMALL_CODEBOOKS["fsq"], "model.decoder_head_channels=8"]
+    expected = r"was trained with another model than this run's config builds \(decoder_head_channels: 16 there, 8 here.*init_from="
+    with pytest.raises(VistokError, match=expected):
+        run_training(make_cfg(*base, f"resume={good}"), tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(good, run_dir / "checkpoints" / "last.ckpt")
+    with pytest.raises(VistokError, match=expected):  # not "none of the checkpoints loads": older ones would not fit either
+        run_training(make_cfg(*base, "resume=auto", f"run_dir={run_dir}"), run_dir)
+    assert sorted(p.name for p in run_dir.rglob("*") if p.is_file()) == ["last.ckpt"]
+
+
 def test_resume_auto_in_an_empty_run_dir_says_it_starts_at_step_0(tmp_path, caplog):
     caplog.set_level("INFO")
     assert resolve_resume("auto", tmp_path) == (None, 0)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -111,10 +112,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
 
 
-def resolve_resume(resume: Any, run_dir: Path, tokenizer: bool = True) -> tuple[Path | None, int]:
+def resolve_resume(resume: Any, run_dir: Path, tokenizer: bool = True,
+                   model: torch.nn.Module | None = None) -> tuple[Path | None, int]:
     """The checkpoint to continue from and its step: ``(None, 0)`` for a fresh start.
 
     ``tokenizer=False`` accepts any Lightning checkpoint (the AR probe's), not only a tokenizer's.
+    ``model``: the tokenizer this run's config builds; the checkpoint's weights must fit it (see
+    :func:`check_weights_fit`).
 
     ``resume`` is None (a fresh run; refused if ``run_dir`` already holds checkpoints), ``"auto"``
     (the newest checkpoint in ``run_dir`` that loads, saying so when a newer one does not) or a
@@ -136,11 +140,13 @@ def resolve_resume(resume: Any, run_dir: Path, tokenizer: bool = True) -> tuple[
         refused: list[str] = []
         for path in existing:
             try:
-                step = resumable_step(path, tokenizer)
+                step, ckpt = _read_resumable(path, tokenizer)
             except VistokError as error:
                 log.warning("%s", error)
                 refused.append(path.name)
                 continue
+            if model is not None:  # outside the try: a model that does not fit is no reason to go back further
+                check_weights_fit(ckpt, model, path)
             skipped = f" (newer {', '.join(refused)} did not load)" if refused else ""
             log.info("resuming from %s at step %d%s", path, step, skipped)
             return path, step
@@ -149,7 +155,9 @@ def resolve_resume(resume: Any, run_dir: Path, tokenizer: bool = True) -> tuple[
     path = Path(str(resume)).expanduser()
     if not path.is_file():
         raise VistokError(f"resume={resume} is neither 'auto' nor an existing checkpoint file; pass resume=auto or the path of a .ckpt.")
-    step = resumable_step(path, tokenizer)
+    step, ckpt = _read_resumable(path, tokenizer)
+    if model is not None:
+        check_weights_fit(ckpt, model, path)
     log.info("resuming from %s at step %d", path, step)
     return path, step
 
@@ -159,6 +167,31 @@ def resumable_step(path: Path, tokenizer: bool = True) -> int:
 
     ``tokenizer``: also require a tokenizer training checkpoint's layout (False: any Lightning checkpoint).
     """
+    return _read_resumable(path, tokenizer)[0]
+
+
+def check_weights_fit(ckpt: dict[str, Any], model: torch.nn.Module, path: Path) -> None:
+    """Refuse, in one sentence, a checkpoint whose tokenizer weights do not fit ``model``: the run's config
+    now builds another model (say a recipe's model option changed since the run started), which
+    Lightning would otherwise report as a state-dict traceback from inside ``fit``."""
+    from vistok.tokenizers.export import TOKENIZER_PREFIX, strip_prefix
+
+    saved = strip_prefix(ckpt["state_dict"], TOKENIZER_PREFIX)
+    current = model.state_dict()
+    if set(saved) == set(current) and all(tuple(saved[k].shape) == tuple(current[k].shape) for k in current):
+        return
+    was, now = ckpt["hyper_parameters"]["tokenizer"], getattr(model, "config", {})
+    def shown(config: dict[str, Any], key: str) -> str:
+        return repr(config[key]) if key in config else "not set"
+
+    changed = [f"{key}: {shown(was, key)} there, {shown(now, key)} here"
+               for key in sorted(set(was) | set(now)) if was.get(key) != now.get(key)]
+    detail = "; ".join(changed[:4]) if changed else "its weights' names or shapes differ"
+    raise VistokError(f"{path} was trained with another model than this run's config builds ({detail}); resume with the "
+                      f"model settings the run started with (its config.yaml lists them; null for one not set there), or start a new run from its weights with init_from={path}.")
+
+
+def _read_resumable(path: Path, tokenizer: bool) -> tuple[int, dict[str, Any]]:
     from vistok.tokenizers.export import load_torch_file, read_checkpoint
 
     ckpt = read_checkpoint(path) if tokenizer else load_torch_file(path)
@@ -167,7 +200,7 @@ def resumable_step(path: Path, tokenizer: bool = True) -> int:
             raise VistokError(f"{path} holds no training state (optimizer, step) to resume; pass a checkpoint the run itself wrote.")
         raise VistokError(f"{path} holds a tokenizer's weights but no training state (optimizer, step) to resume; "
                           f"start a new run from its weights with init_from={path} instead.")
-    return int(ckpt["global_step"])
+    return int(ckpt["global_step"]), ckpt
 
 
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
@@ -339,7 +372,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
-    ckpt_path, _ = resolve_resume(cfg.resume, run_dir)
+    ckpt_path, _ = resolve_resume(cfg.resume, run_dir, model=module.tokenizer)
     logger = build_logger(cfg, run_dir)
     callbacks, artifacts = build_callbacks(cfg, run_dir, validates=getattr(datamodule, "val_urls", True) is not None,
                                            logs=logger is not False)
