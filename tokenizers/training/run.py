@@ -162,36 +162,32 @@ def resolve_resume(resume: Any, run_dir: Path, tokenizer: bool = True,
     return path, step
 
 
-def resumable_step(path: Path, tokenizer: bool = True) -> int:
-    """The step a training checkpoint continues from; VistokError if it does not load or holds no training state.
-
-    ``tokenizer``: also require a tokenizer training checkpoint's layout (False: any Lightning checkpoint).
-    """
-    return _read_resumable(path, tokenizer)[0]
-
-
 def check_weights_fit(ckpt: dict[str, Any], model: torch.nn.Module, path: Path) -> None:
     """Refuse, in one sentence, a checkpoint whose tokenizer weights do not fit ``model``: the run's config
     now builds another model (say a recipe's model option changed since the run started), which
     Lightning would otherwise report as a state-dict traceback from inside ``fit``."""
-    from vistok.tokenizers.export import TOKENIZER_PREFIX, strip_prefix
+    from vistok.tokenizers.export import TOKENIZER_PREFIX, check_state_dict, strip_prefix
 
-    saved = strip_prefix(ckpt["state_dict"], TOKENIZER_PREFIX)
-    current = model.state_dict()
-    if set(saved) == set(current) and all(tuple(saved[k].shape) == tuple(current[k].shape) for k in current):
-        return
-    was, now = ckpt["hyper_parameters"]["tokenizer"], getattr(model, "config", {})
-    def shown(config: dict[str, Any], key: str) -> str:
-        return repr(config[key]) if key in config else "not set"
+    try:
+        check_state_dict(model, strip_prefix(ckpt["state_dict"], TOKENIZER_PREFIX), str(path), "this run's config")
+    except VistokError as mismatch:
+        was, now = ckpt["hyper_parameters"]["tokenizer"], getattr(model, "config", {})
+        changed = [f"{key}: {_shown(was, key)} there, {_shown(now, key)} here"
+                   for key in sorted(set(was) | set(now)) if was.get(key) != now.get(key)]
+        detail = "; ".join(changed[:4]) if changed else "its weights' names or shapes differ"
+        raise VistokError(f"{path} was trained with another model than this run's config builds ({detail}); "
+                          "resume with the model settings the run started with (its config.yaml lists them; null for one "
+                          f"not set there), or start a new run from its weights with init_from={path}.") from mismatch
 
-    changed = [f"{key}: {shown(was, key)} there, {shown(now, key)} here"
-               for key in sorted(set(was) | set(now)) if was.get(key) != now.get(key)]
-    detail = "; ".join(changed[:4]) if changed else "its weights' names or shapes differ"
-    raise VistokError(f"{path} was trained with another model than this run's config builds ({detail}); resume with the "
-                      f"model settings the run started with (its config.yaml lists them; null for one not set there), or start a new run from its weights with init_from={path}.")
+
+def _shown(config: dict[str, Any], key: str) -> str:
+    return repr(config[key]) if key in config else "not set"
 
 
 def _read_resumable(path: Path, tokenizer: bool) -> tuple[int, dict[str, Any]]:
+    """The step a training checkpoint continues from, and the checkpoint; VistokError if it does not load
+    or holds no training state. ``tokenizer``: also require a tokenizer training checkpoint's layout
+    (False: any Lightning checkpoint)."""
     from vistok.tokenizers.export import load_torch_file, read_checkpoint
 
     ckpt = read_checkpoint(path) if tokenizer else load_torch_file(path)
