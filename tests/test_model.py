@@ -15,6 +15,7 @@ from timm.layers.attention import Attention
 from vistok.tokenizers.errors import VistokError
 from vistok.tokenizers.model import PRESETS, ImageTokenizer, build_tokenizer
 from vistok.tokenizers.token_dropout import TailTokenDropout, pad_with_mask_token
+from vistok.tokenizers.transformer import attention_bias, make_blocks, run_blocks
 
 QUANTIZERS = {
     "fsq": {"_target_": "vistok.tokenizers.quantizers.FSQ", "levels": [5, 5, 5]},
@@ -346,15 +347,36 @@ def test_attention_runs_through_scaled_dot_product_attention(arch: str, monkeypa
     assert len(attention) == (expected if arch == "titok" else 0)
     assert len(calls) == expected
     if arch == "titok":  # encoder: 16 patches + 8 latents; decoder: 16 queries + 8 slots; 2 heads
-        assert all(shape == (2, 2, 24, 16) for shape in calls)
+        # each side's last block asks only for the rows it outputs: the latents, the patch queries
+        assert calls == [(2, 2, 8, 16), (2, 2, 24, 16), (2, 2, 16, 16)]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_last_block_computing_only_the_kept_rows_gives_the_full_blocks_rows(bias: bool) -> None:
+    blocks = make_blocks(32, 2, 2, 4.0)
+    masks = attention_bias(2, 2, 24, 1.0) if bias else None
+    x = torch.randn(3, 24, 32)
+    with torch.no_grad():
+        full = blocks(x) if masks is None else blocks[1](blocks[0](x, attn_mask=masks[0]), attn_mask=masks[1])
+        for rows in (slice(16), slice(16, None), slice(3, 9)):
+            assert torch.allclose(run_blocks(blocks, x, masks, rows=rows), full[:, rows], atol=1e-6)
+        assert torch.allclose(run_blocks(blocks, x, masks), full, atol=1e-6)
+    # and the gradients reach the same parameters as the full blocks' do (every weight of the last block)
+    run_blocks(blocks, x, masks, rows=slice(16)).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks.parameters())
 
 
 # ---------------------------------------------------------------- decoder heads
 
 
+def head_channels(head: str) -> dict:
+    """A few channels for the conv heads; the linear head has none (setting them is an error)."""
+    return {} if head == "linear" else {"decoder_head_channels": 4}
+
+
 @pytest.mark.parametrize("head", ["linear", "conv", "upsample"])
 def test_every_decoder_head_decodes_every_prefix_and_trains_the_encoder(head: str) -> None:
-    tok = tiny("titok", decoder_head=head, decoder_head_channels=4)
+    tok = tiny("titok", decoder_head=head, **head_channels(head))
     assert tok.config.get("decoder_head", "linear") == head and build_tokenizer(**tok.config).config == tok.config
     assert ("decoder_head" in tok.config) == (head != "linear")  # linear-head configs (and fingerprints) as before
     x = images_for(tok)
@@ -369,7 +391,7 @@ def test_every_decoder_head_decodes_every_prefix_and_trains_the_encoder(head: st
 
 @pytest.mark.parametrize("head", ["linear", "conv", "upsample"])
 def test_conv_heads_cross_patch_borders_and_keep_the_mean_colour(head: str) -> None:
-    tok = tiny("titok", decoder_head=head, decoder_head_channels=4)
+    tok = tiny("titok", decoder_head=head, **head_channels(head))
     for p in tok.decoder.refine.parameters():  # leave the zero-initialised residual branch no longer zero
         torch.nn.init.normal_(p, std=0.3)
     d = tok.decoder
@@ -474,6 +496,7 @@ def test_attn_bias_gives_each_latent_token_its_own_footprint_from_the_start() ->
         (dict(arch="titok", image_size=24, patch_size=6, decoder_head="upsample"), "power-of-two patch_size"),
         # 0 is a bad value, not "unset": it must not fall back to the default
         (dict(arch="titok", decoder_head="conv", decoder_head_channels=0), "decoder_head_channels must be an integer >= 1"),
+        (dict(arch="titok", decoder_head_channels=8), "decoder_head_channels sets the conv head, but decoder_head is linear"),
         (dict(arch="titok", decoder_width=0), "decoder_width must be an integer >= 1"),
         (dict(arch="titok", decoder_heads=0), "decoder_heads must be an integer >= 1"),
         (dict(arch="titok", encoder_pos_std=0), "encoder_pos_std must be a number in"),

@@ -292,6 +292,8 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
         head = {"decoder_head": _setting(settings, "decoder_head", "linear", pop=True),
                 "decoder_head_channels": _setting(settings, "decoder_head_channels", 16, pop=True)}
         _check_int("decoder_head_channels", head["decoder_head_channels"], minimum=1)
+        if head["decoder_head"] == "linear" and overrides.get("decoder_head_channels") is not None:
+            raise VistokError("decoder_head_channels sets the conv head, but decoder_head is linear; set decoder_head=conv (or upsample), or leave decoder_head_channels unset.")
         if head["decoder_head"] != "linear":
             # only then: configs (and so fingerprints) of linear-head tokenizers stay what they were
             settings.update(head)

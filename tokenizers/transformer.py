@@ -8,9 +8,11 @@ Both use timm's ViT ``Block`` with attention forced through
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
@@ -56,15 +58,49 @@ def attention_bias(depth: int, heads: int, length: int, std: float | None) -> nn
     return bias
 
 
-def run_blocks(blocks: nn.Sequential, x: torch.Tensor, masks: Iterable[torch.Tensor | None] | None = None) -> torch.Tensor:
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, masks: Iterable[torch.Tensor | None] | None = None,
+               rows: slice | None = None) -> torch.Tensor:
     """``x`` (B, L, width) through ``blocks``; block i's attention takes ``masks[i]`` (SDPA's ``attn_mask``:
     boolean keep-mask or additive float bias, broadcastable to (B, heads, L, L)), e.g. one row of
-    :func:`attention_bias` per block, or ``itertools.repeat(mask)`` for the same mask everywhere."""
-    if masks is None:
-        return blocks(x)
-    for block, mask in zip(blocks, masks):
+    :func:`attention_bias` per block, or ``itertools.repeat(mask)`` for the same mask everywhere.
+
+    ``rows``: return only ``output[:, rows]``, and let the last block compute only those rows
+    (their queries, attention outputs and MLP; keys and values still come from every position).
+    The result is the same; the decoder keeps 16 of its 80 positions, so this skips most of its
+    last block.
+    """
+    masks = [None] * len(blocks) if masks is None else list(itertools.islice(masks, len(blocks)))
+    if rows is None or len(blocks) == 0:
+        for block, mask in zip(blocks, masks):
+            x = block(x, attn_mask=mask)
+        return x if rows is None else x[:, rows]
+    for block, mask in zip(list(blocks)[:-1], masks[:-1]):
         x = block(x, attn_mask=mask)
-    return x
+    return block_rows(blocks[-1], x, rows, masks[-1])
+
+
+def block_rows(block: Block, x: torch.Tensor, rows: slice, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``block(x, attn_mask=mask)[:, rows]`` for a timm ViT :class:`Block`, computing only those rows:
+    x (B, L, width) -> (B, len(rows), width)."""
+    attn = block.attn
+    if getattr(attn, "gate", None) is not None:  # timm's gated attention; vistok's blocks never set it
+        return block(x, attn_mask=mask)[:, rows]
+    heads, head_dim = attn.num_heads, attn.head_dim
+    dim = heads * head_dim
+    h = block.norm1(x)
+    b, n, _ = h.shape
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(h[:, rows], weight[:dim], None if bias is None else bias[:dim])
+    m = q.shape[1]
+    q = attn.q_norm(q.reshape(b, m, heads, head_dim).transpose(1, 2))
+    kv = F.linear(h, weight[dim:], None if bias is None else bias[dim:])
+    k, v = kv.reshape(b, n, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, attn.k_norm(k), v, attn_mask=None if mask is None else mask[..., rows, :],
+                                         dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    out = out.transpose(1, 2).reshape(b, m, dim)
+    out = attn.proj_drop(attn.proj(getattr(attn, "norm", nn.Identity())(out)))
+    y = x[:, rows] + block.drop_path1(block.ls1(out))
+    return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
 
 
 def init_vit_weights(module: nn.Module) -> None:
@@ -171,8 +207,9 @@ class TiTokEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embed(images) + self.pos_embed
         latents = (self.latent_tokens + self.latent_pos_embed).expand(images.shape[0], -1, -1)
-        x = run_blocks(self.blocks, torch.cat([patches, latents], dim=1), self.attn_bias)
-        x = self.norm(x[:, patches.shape[1]:])
+        x = run_blocks(self.blocks, torch.cat([patches, latents], dim=1), self.attn_bias,
+                       rows=slice(patches.shape[1], None))
+        x = self.norm(x)
         return self.proj(x)
 
 
@@ -225,8 +262,8 @@ class TiTokDecoder(nn.Module):
         latents = pad_with_mask_token(self.proj_in(tokens), self.mask_token, self.num_tokens, lengths)
         latents = latents + self.latent_pos_embed
         queries = (self.patch_query + self.pos_embed).expand(tokens.shape[0], -1, -1)
-        x = run_blocks(self.blocks, torch.cat([queries, latents], dim=1), self.attn_bias)
-        return self.to_pixels(self.norm(x[:, : queries.shape[1]]))
+        x = run_blocks(self.blocks, torch.cat([queries, latents], dim=1), self.attn_bias, rows=slice(queries.shape[1]))
+        return self.to_pixels(self.norm(x))
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """The output head alone: patch-query outputs (B, grid*grid, width) -> (B, 3, H, W), unclamped."""
