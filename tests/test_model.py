@@ -255,6 +255,26 @@ def test_tail_token_dropout_probability_and_determinism() -> None:
     assert torch.equal(a, b)
 
 
+def test_tail_token_dropout_runs_between_its_steps_and_the_tokenizer_passes_the_training_step() -> None:
+    dropout = TailTokenDropout(p=1.0, start_step=100, stop_step=200)
+    for step in (0, 99, 200, 5000):  # outside [start_step, stop_step): every sample keeps all 9
+        assert dropout.sample(64, 9, step=step).tolist() == [9] * 64
+    for step in (100, 199, None):  # inside, or no step (outside a training loop)
+        assert (dropout.sample(64, 9, step=step) < 9).any()
+    tok = tiny("titok", token_dropout={"p": 1.0, "start_step": 100}).train()
+    assert tok.config["token_dropout"]["start_step"] == 100 and build_tokenizer(**tok.config).config == tok.config
+    assert "start_step" not in tiny("titok", token_dropout={"p": 1.0}).config["token_dropout"]  # fingerprints as before
+    x = images_for(tok, batch=32)
+    assert tok(x, step=0).lengths.tolist() == [tok.max_tokens] * 32
+    assert (tok(x, step=100).lengths < tok.max_tokens).any()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(VistokError, match="start_step must be an integer >= 0"):
+            TailTokenDropout(start_step=bad)
+    for bad in (100, 50, 150.0):
+        with pytest.raises(VistokError, match=r"stop_step must be null or an integer above start_step \(100\)"):
+            TailTokenDropout(start_step=100, stop_step=bad)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -134,7 +134,7 @@ class ImageTokenizer(nn.Module):
         images: (B, 3, H, W) in [0, 1]. num_tokens: an int k (every sample keeps k tokens), a (B,)
         long tensor of per-sample lengths, or None: in training mode the token dropout's sampled
         lengths (all K when there is none), in eval mode all K. step: the training step, which sets
-        the token perturbation's warm-up (None: after it); in training mode only, a configured
+        the token dropout's steps and the token perturbation's warm-up (None: dropout on, warm-up over); in training mode only, a configured
         perturbation replaces some tokens' codes before decoding.
         """
         self._check_images(images)
@@ -145,7 +145,7 @@ class ImageTokenizer(nn.Module):
         batch_size = images.shape[0]
         if num_tokens is None:
             if self.training and self.token_dropout is not None:
-                lengths = self.token_dropout.sample(batch_size, self.max_tokens, images.device)
+                lengths = self.token_dropout.sample(batch_size, self.max_tokens, images.device, step=step)
             else:
                 lengths = torch.full((batch_size,), self.max_tokens, dtype=torch.long, device=images.device)
         elif isinstance(num_tokens, torch.Tensor):
@@ -356,9 +356,9 @@ def build_tokenizer(arch: str = "titok", preset: str = "tiny", image_size: int =
     if token_dropout is not None:
         if not isinstance(token_dropout, Mapping):
             raise VistokError(f"token_dropout must be None or a mapping of TailTokenDropout settings, got {token_dropout!r}.")
-        unknown = sorted(set(token_dropout) - {"p", "min_tokens", "distribution"})
+        unknown = sorted(set(token_dropout) - {"p", "min_tokens", "distribution", "start_step", "stop_step"})
         if unknown:
-            raise VistokError(f"unknown token_dropout setting(s) {', '.join(unknown)}; the settings are p, min_tokens, distribution.")
+            raise VistokError(f"unknown token_dropout setting(s) {', '.join(unknown)}; the settings are p, min_tokens, distribution, start_step, stop_step.")
         dropout_module = TailTokenDropout(**token_dropout)
         if dropout_module.min_tokens > num_tokens:
             raise VistokError(f"token_dropout.min_tokens {dropout_module.min_tokens} exceeds the {num_tokens} tokens per image; lower it to at most {num_tokens}.")

@@ -59,9 +59,15 @@ class TailTokenDropout(nn.Module):
             ``"uniform_pow2"``: uniformly, then rounded up to a power of two, capped at K.
             Only ``"uniform"`` trains every length; the power-of-two modes leave the lengths in
             between untrained, so choose them only if users will ask for those lengths alone.
+        start_step, stop_step: the training steps between which samples are truncated
+            (``start_step <= step < stop_step``); outside them every sample keeps all K tokens.
+            0 and None: the whole run. Nesting slows down how fast the full-length code forms, so
+            at small budgets it pays to let the full-length code form first and to end on it
+            (docs/rd32.md).
     """
 
-    def __init__(self, p: float = 1.0, min_tokens: int = 1, distribution: str = "uniform") -> None:
+    def __init__(self, p: float = 1.0, min_tokens: int = 1, distribution: str = "uniform", start_step: int = 0,
+                 stop_step: int | None = None) -> None:
         super().__init__()
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
             raise VistokError(f"token dropout p must be a probability in [0, 1], got {p!r}; set token_dropout.p accordingly.")
@@ -69,13 +75,25 @@ class TailTokenDropout(nn.Module):
             raise VistokError(f"token dropout min_tokens must be an integer >= 1, got {min_tokens!r}; set token_dropout.min_tokens to 1 or more.")
         if distribution not in DISTRIBUTIONS:
             raise VistokError(f"unknown token dropout distribution {distribution!r}; use one of {', '.join(DISTRIBUTIONS)}.")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise VistokError(f"token dropout start_step must be an integer >= 0, got {start_step!r}; set token_dropout.start_step to 0 (from the start) or a later training step.")
+        if stop_step is not None and (isinstance(stop_step, bool) or not isinstance(stop_step, int) or stop_step <= start_step):
+            raise VistokError(f"token dropout stop_step must be null or an integer above start_step ({start_step}), got {stop_step!r}; fix token_dropout.stop_step.")
         self.p = float(p)
         self.min_tokens = min_tokens
         self.distribution = distribution
+        self.start_step = start_step
+        self.stop_step = stop_step
 
     def get_config(self) -> dict:
         """Plain constructor kwargs: ``TailTokenDropout(**config)`` rebuilds this module."""
-        return {"p": self.p, "min_tokens": self.min_tokens, "distribution": self.distribution}
+        config = {"p": self.p, "min_tokens": self.min_tokens, "distribution": self.distribution}
+        # only when set: configs (and fingerprints) of existing tokenizers stay as they were
+        if self.start_step:
+            config["start_step"] = self.start_step
+        if self.stop_step is not None:
+            config["stop_step"] = self.stop_step
+        return config
 
     def candidate_lengths(self, max_tokens: int) -> list[int]:
         """The lengths the distribution can produce for K = ``max_tokens`` (sorted)."""
@@ -87,13 +105,16 @@ class TailTokenDropout(nn.Module):
         return sorted({min(_next_power_of_two(k), max_tokens) for k in range(self.min_tokens, max_tokens + 1)})
 
     def sample(self, batch_size: int, max_tokens: int, device: torch.device | str | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B,) long kept lengths in [min_tokens, K]; K for samples not truncated (prob. 1 - p).
+               generator: torch.Generator | None = None, step: int | None = None) -> torch.Tensor:
+        """(B,) long kept lengths in [min_tokens, K]; K for samples not truncated (prob. 1 - p),
+        and K for all outside training steps [start_step, stop_step) (``step`` None: inside).
 
         Vectorised and sync-free: safe on the training hot path.
         """
         self._check_max_tokens(max_tokens)
         device = torch.device(device) if device is not None else torch.device("cpu")
+        if step is not None and (step < self.start_step or (self.stop_step is not None and step >= self.stop_step)):
+            return torch.full((batch_size,), max_tokens, dtype=torch.long, device=device)
         if self.distribution == "pow2":
             choices = _powers_of_two_tensor(self.min_tokens, max_tokens, device)
             pick = torch.randint(len(choices), (batch_size,), device=device, generator=generator)
@@ -105,15 +126,18 @@ class TailTokenDropout(nn.Module):
         truncate = torch.rand(batch_size, device=device, generator=generator) < self.p
         return torch.where(truncate, lengths, torch.full_like(lengths, max_tokens))
 
-    def forward(self, batch_size: int, max_tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
-        return self.sample(batch_size, max_tokens, device)
+    def forward(self, batch_size: int, max_tokens: int, device: torch.device | str | None = None,
+                step: int | None = None) -> torch.Tensor:
+        return self.sample(batch_size, max_tokens, device, step=step)
 
     def _check_max_tokens(self, max_tokens: int) -> None:
         if max_tokens < self.min_tokens:
             raise VistokError(f"token dropout min_tokens={self.min_tokens} exceeds the tokenizer's {max_tokens} tokens; lower token_dropout.min_tokens.")
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, min_tokens={self.min_tokens}, distribution={self.distribution!r}"
+        steps = f", start_step={self.start_step}" if self.start_step else ""
+        steps += f", stop_step={self.stop_step}" if self.stop_step is not None else ""
+        return f"p={self.p}, min_tokens={self.min_tokens}, distribution={self.distribution!r}{steps}"
 
 
 def _next_power_of_two(k: int) -> int:
