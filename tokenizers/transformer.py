@@ -70,13 +70,12 @@ def run_blocks(blocks: nn.Sequential, x: torch.Tensor, masks: Iterable[torch.Ten
     last block.
     """
     masks = [None] * len(blocks) if masks is None else list(itertools.islice(masks, len(blocks)))
-    if rows is None or len(blocks) == 0:
-        for block, mask in zip(blocks, masks):
-            x = block(x, attn_mask=mask)
-        return x if rows is None else x[:, rows]
-    for block, mask in zip(list(blocks)[:-1], masks[:-1]):
+    full = len(blocks) if rows is None else len(blocks) - 1  # blocks that compute every row
+    for block, mask in zip(list(blocks)[:max(full, 0)], masks):
         x = block(x, attn_mask=mask)
-    return block_rows(blocks[-1], x, rows, masks[-1])
+    if rows is None:
+        return x
+    return x[:, rows] if len(blocks) == 0 else block_rows(blocks[-1], x, rows, masks[-1])
 
 
 def block_rows(block: Block, x: torch.Tensor, rows: slice, mask: torch.Tensor | None = None) -> torch.Tensor:
