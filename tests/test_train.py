@@ -130,6 +130,8 @@ def test_fsq_fit_writes_run_directory(fsq_run):
     assert fsq_run.step == 4 and fsq_run.token_counts == [1, 2, 4, 8]
     for k in fsq_run.token_counts:
         assert math.isfinite(fsq_run.metrics[f"val/psnr@{k}"]) and 0 <= fsq_run.metrics[f"val/ssim@{k}"] <= 1
+    mean = sum(fsq_run.metrics[f"val/psnr@{k}"] for k in fsq_run.token_counts) / len(fsq_run.token_counts)
+    assert fsq_run.metrics["val/psnr_mean"] == pytest.approx(mean)
     config = (run_dir / "config.yaml").read_text()
     assert "${" not in config and f"run_dir: {run_dir}" in config  # resolved
     assert (run_dir / "logs" / "version_0" / "metrics.csv").read_text().count("val/psnr") >= 1
@@ -140,6 +142,29 @@ def test_fsq_fit_writes_run_directory(fsq_run):
     assert fsq_run.checkpoint is not None and fsq_run.checkpoint.name.startswith("best-")
     table = fsq_run.table
     assert "thumbnail" in table and str(fsq_run.checkpoint) in table and str(fsq_run.grid) in table
+    assert fsq_run.best_monitor == "val/psnr" and f"(best: {fsq_run.best_score:.2f} dB at 8 tokens)" in table
+
+
+def test_the_best_checkpoint_can_be_chosen_by_the_mean_psnr_over_the_token_counts(data_dir, tmp_path, make_cfg):
+    # rd32's setting: with late tail-token dropout, PSNR at K alone can peak before the prefixes decode
+    cfg = make_cfg(*tiny_overrides(data_dir, steps=4, val_every=1), "callbacks.checkpoint.monitor=val/psnr_mean")
+    result = run_training(cfg, tmp_path)
+    rows = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    scores = {int(float(row[header.index("step")])): float(row[header.index("val/psnr_mean")])
+              for row in (line.split(",") for line in rows[1:]) if row[header.index("val/psnr_mean")]}
+    best_step = max(scores, key=scores.get)
+    assert len(scores) >= 3 and result.best_monitor == "val/psnr_mean"
+    assert result.best_score == pytest.approx(scores[best_step])
+    assert result.checkpoint.name == f"best-{best_step + 1:07d}.ckpt"  # Lightning logs val at step - 1
+    assert f"(best: {result.best_score:.2f} dB mean PSNR over 1, 2, 4, 8 tokens)" in result.table
+
+
+def test_a_checkpoint_monitor_that_validation_does_not_log_is_refused_before_training(data_dir, tmp_path, make_cfg):
+    cfg = make_cfg(*tiny_overrides(data_dir), "callbacks.checkpoint.monitor=val/psnr@64")
+    with pytest.raises(VistokError, match=r"callbacks.checkpoint.monitor is val/psnr@64, which validation does not log; use one of .*val/psnr@8"):
+        run_training(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_checkpoint_has_contract_keys_and_loads_weights_only(fsq_run):

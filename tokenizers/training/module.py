@@ -367,6 +367,13 @@ class TokenizerModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ validation
 
+    @property
+    def validation_metrics(self) -> list[str]:
+        """The names each validation logs; ``callbacks.checkpoint.monitor`` picks one of them."""
+        names = ["val/images", "val/psnr", "val/ssim", "val/psnr_mean"]
+        names += [f"val/{metric}@{k}" for k in self.val_token_counts for metric in ("psnr", "ssim")]
+        return names + (["val/usage", "val/perplexity"] if self.tokenizer.is_discrete else [])
+
     def on_validation_epoch_start(self) -> None:
         self.check_finite()
         self.evaluator.reset()
@@ -396,6 +403,10 @@ class TokenizerModule(pl.LightningModule):
             metrics[f"val/ssim@{k}"] = values["ssim"]
         metrics["val/psnr"] = results[k_max]["psnr"]
         metrics["val/ssim"] = results[k_max]["ssim"]
+        # the whole rate-distortion curve in one number: what a variable-length tokenizer's best
+        # checkpoint should maximise (with late tail-token dropout, PSNR at K alone peaks before the
+        # prefixes learn to decode)
+        metrics["val/psnr_mean"] = sum(values["psnr"] for values in results.values()) / len(results)
         for name in ("usage", "perplexity"):
             if name in results[k_max]:
                 metrics[f"val/{name}"] = results[k_max][name]

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,12 +87,13 @@ class TrainResult:
     run_dir: Path
     step: int
     metrics: dict[str, float]
-    checkpoint: Path | None  # the best by validation PSNR at K (else the newest)
+    checkpoint: Path | None  # the best by callbacks.checkpoint.monitor (else the newest)
     last_checkpoint: Path | None
     grid: Path | None
     token_counts: list[int]
     seconds: float
-    best_psnr: float | None = None
+    best_score: float | None = None  # the best checkpoint's value of best_monitor
+    best_monitor: str | None = None  # e.g. val/psnr (PSNR at K tokens) or val/psnr_mean (over the token counts)
     ema: bool = True  # validation used the EMA weights
     table: str = ""  # the closing summary (global rank 0 only)
 
@@ -270,14 +272,15 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
     return instantiate_config(node, "logger", **overrides)
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path, validates: bool = True,
-                    logs: bool = True) -> tuple[list[pl.Callback], RunArtifacts]:
+def build_callbacks(cfg: DictConfig, run_dir: Path, validates: bool = True, logs: bool = True,
+                    val_metrics: Collection[str] | None = None) -> tuple[list[pl.Callback], RunArtifacts]:
     """The configured callbacks plus vistok's own.
 
     ``validates=False`` (no validation data): the best-checkpoint callback checkpoints every
     ``trainer.val_check_interval`` steps without a best one. ``logs=False`` (logger=none): no
     learning-rate monitor, which needs a logger to write to. ``trainer.enable_progress_bar=false``:
-    no progress bar callback.
+    no progress bar callback. ``val_metrics``: the names validation logs; a checkpoint monitor
+    outside them (and outside ``train/``) is refused now rather than at the first validation.
     """
     callbacks: list[pl.Callback] = []
     for name, node in (cfg.get("callbacks") or {}).items():
@@ -290,7 +293,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, validates: bool = True,
         extra: dict[str, Any] = {}
         if str(node.get("_target_", "")).endswith("ModelCheckpoint"):
             extra["dirpath"] = str(run_dir / "checkpoints")
-            if not validates and node.get("monitor"):
+            monitor = node.get("monitor")
+            if validates and monitor and val_metrics is not None and monitor not in val_metrics and not str(monitor).startswith("train/"):
+                raise VistokError(f"callbacks.{name}.monitor is {monitor}, which validation does not log; "
+                                  f"use one of {', '.join(val_metrics)}.")
+            if not validates and monitor:
                 log.warning("no validation data (data.val_urls is null): no best checkpoint, only last.ckpt")
                 interval = cfg.trainer.get("val_check_interval")
                 extra.update(monitor=None, save_top_k=0, every_n_train_steps=interval if isinstance(interval, int) else None)
@@ -371,7 +378,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     ckpt_path, _ = resolve_resume(cfg.resume, run_dir, model=module.tokenizer)
     logger = build_logger(cfg, run_dir)
     callbacks, artifacts = build_callbacks(cfg, run_dir, validates=getattr(datamodule, "val_urls", True) is not None,
-                                           logs=logger is not False)
+                                           logs=logger is not False, val_metrics=module.validation_metrics)
     trainer = build_trainer(cfg, run_dir, logger, callbacks)
     if trainer.is_global_zero:
         remove_stale_temp_files(run_dir)
@@ -386,7 +393,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         run_dir=run_dir, step=trainer.global_step, metrics=dict(module.last_val_metrics),
         checkpoint=best or (newest[0] if newest else None), last_checkpoint=newest[0] if newest else None,
         grid=artifacts.grid_path, token_counts=list(module.val_token_counts), seconds=time.monotonic() - start,
-        best_psnr=float(checkpoint.best_model_score) if best is not None and checkpoint.best_model_score is not None else None,
+        best_score=float(checkpoint.best_model_score) if best is not None and checkpoint.best_model_score is not None else None,
+        best_monitor=checkpoint.monitor if checkpoint is not None else None,
         ema=module.ema is not None,
     )
     if trainer.is_global_zero:
@@ -406,6 +414,17 @@ def _write_config(cfg: DictConfig, run_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The closing table
+
+
+def describe_score(monitor: str | None, score: float, token_counts: list[int]) -> str:
+    """The best checkpoint's score in words, e.g. ``20.02 dB at 16 tokens``."""
+    if monitor == "val/psnr":
+        return f"{score:.2f} dB at {token_counts[-1]} tokens"
+    if monitor == "val/psnr_mean":
+        return f"{score:.2f} dB mean PSNR over {', '.join(map(str, token_counts))} tokens"
+    if monitor is not None and monitor.startswith("val/psnr@"):
+        return f"{score:.2f} dB at {monitor.removeprefix('val/psnr@')} tokens"
+    return f"{monitor} {score:.4g}"
 
 
 def summary_table(result: TrainResult, codebook_size: int | None, token_dim: int,
@@ -433,7 +452,7 @@ def summary_table(result: TrainResult, codebook_size: int | None, token_dim: int
     if "val/usage" in result.metrics:
         lines.append(f"codebook usage {result.metrics['val/usage']:.1%}, perplexity {result.metrics.get('val/perplexity', float('nan')):.1f} "
                      f"at {result.token_counts[-1]} tokens")
-    best = f" (best: {result.best_psnr:.2f} dB at {result.token_counts[-1]} tokens)" if result.best_psnr is not None else ""
+    best = f" (best: {describe_score(result.best_monitor, result.best_score, result.token_counts)})" if result.best_score is not None else ""
     lines.append(f"checkpoint: {result.checkpoint}{best}")
     if result.last_checkpoint is not None and result.last_checkpoint != result.checkpoint:
         lines.append(f"last:       {result.last_checkpoint}")
