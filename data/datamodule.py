@@ -28,7 +28,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -53,21 +53,33 @@ CROPS = ("random_resized", "center")
 
 
 class SharedEpoch:
-    """The current epoch, readable inside DataLoader workers (also persistent ones).
+    """The current epoch, and the batch a resumed run picked it up at, readable inside DataLoader
+    workers (also persistent ones).
 
-    A one-element tensor in shared memory: workers forked or spawned by the DataLoader see
-    updates the main process makes later, unlike a plain attribute copied at worker start.
+    A tensor in shared memory: workers forked or spawned by the DataLoader see updates the main
+    process makes later, unlike a plain attribute copied at worker start.
     """
 
     def __init__(self, epoch: int = 0):
-        self._value = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._value = torch.zeros(2, dtype=torch.int64).share_memory_()
         self.set(epoch)
 
-    def set(self, epoch: int) -> None:
+    def set(self, epoch: int, resumed_at: int = 0) -> None:
         self._value[0] = int(epoch)
+        self._value[1] = int(resumed_at)
 
     def get(self) -> int:
         return int(self._value[0])
+
+    def resumed_at(self) -> int:
+        """Batches of this epoch trained before the run was resumed in it (0: not resumed)."""
+        return int(self._value[1])
+
+    def stream(self) -> int:
+        """What the epoch's random streams are seeded with: the epoch number, or for an epoch a
+        resumed run picked up part-way, a number of its own, so that the rest of the epoch is new
+        data rather than a replay of the batches trained before the interruption."""
+        return self.get() + (self.resumed_at() << 32)
 
 
 class SkipCounter:
@@ -159,7 +171,7 @@ class EpochResampledShards(wds.ResampledShards):
         self.shared_epoch = epoch
 
     def __iter__(self) -> Iterator[dict]:
-        self.epoch = self.shared_epoch.get() - 1  # the parent increments before seeding
+        self.epoch = self.shared_epoch.stream() - 1  # the parent increments before seeding
         return super().__iter__()
 
 
@@ -200,7 +212,7 @@ def shuffle_buffer(
     if bufsize <= 1:
         yield from src
         return
-    rng = _rng(seed, epoch.get(), rank, "shuffle")
+    rng = _rng(seed, epoch.stream(), rank, "shuffle")
     initial = max(1, bufsize // 4)
     source = iter(src)
     buffer: list[Any] = []
@@ -311,7 +323,7 @@ def val_decode(data: bytes, image_size: int) -> np.ndarray:
 def decode_train(
     src: Iterable[dict], transform: TrainTransform, counter: SkipCounter, seed: int, epoch: SharedEpoch, rank: int
 ) -> Iterator[dict]:
-    rng = _rng(seed, epoch.get(), rank, "augment")
+    rng = _rng(seed, epoch.stream(), rank, "augment")
     for sample in src:
         try:
             image = transform(find_image_field(sample), rng)
@@ -471,6 +483,12 @@ class TrainLoader(wds.WebLoader):
     ``num_skipped`` adds up the batches' ``num_skipped`` (all workers, since this loader was
     made) and each batch carries it as ``batch["skipped_total"]``, a plain int, so the training
     module can log the running count without a device transfer.
+
+    Resumable in Lightning's sense (``state_dict`` / ``load_state_dict``, saved with each
+    checkpoint): the state is the epoch and the batches handed out in it. A run resumed part-way
+    through that epoch draws the rest of it from streams seeded anew (:meth:`SharedEpoch.stream`)
+    instead of replaying the epoch's first batches; reading past them instead would cost decoding
+    them all again. The trainer counts the resumed epoch's batches and ends it on time.
     """
 
     def __init__(
@@ -488,17 +506,32 @@ class TrainLoader(wds.WebLoader):
         self.epoch_source = epoch_source
         self.epochs_started = 0
         self.num_skipped = 0
+        self.epoch = 0  # the epoch being read, and batches handed out in it (before a resume too)
+        self.batches_taken = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches) from load_state_dict
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+    def state_dict(self) -> dict[str, int]:
+        # counts the batch Lightning prefetched too: it only seeds the resumed streams
+        return {"epoch": self.epoch, "batches": self.batches_taken}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
 
     def __iter__(self) -> Iterator[dict]:
         # A generator: nothing happens until the first batch is asked for (Lightning calls
         # iter() once just to check the loader is iterable).
         epoch = self.epoch_source() if self.epoch_source is not None else None
-        self.shared_epoch.set(self.epochs_started if epoch is None else epoch)
+        epoch = self.epochs_started if epoch is None else epoch
+        resume, self._resume = self._resume, None
+        resumed_at = resume[1] if resume is not None and resume[0] == epoch else 0
+        self.epoch, self.batches_taken = epoch, resumed_at
+        self.shared_epoch.set(epoch, resumed_at)
         self.epochs_started += 1
         for batch in super().__iter__():
+            self.batches_taken += 1
             self.num_skipped += int(batch["num_skipped"])  # a CPU tensor from the worker: no device sync
             batch["skipped_total"] = self.num_skipped
             yield batch

@@ -444,6 +444,35 @@ def test_epochs_differ_and_persistent_workers_see_the_epoch(tmp_path):
     assert keys_of(replay) == first  # seeded: the same settings replay the same epoch 0
 
 
+def test_a_run_resumed_part_way_through_an_epoch_reads_new_batches_not_a_replay(tmp_path):
+    urls = make_shards(tmp_path / "shards", [6, 6])
+
+    def loader():
+        return make_train_loader(urls, image_size=8, batch_size=2, batches_per_epoch=6, shuffle_buffer_size=8,
+                                 epoch_source=lambda: 0)
+
+    interrupted = loader()
+    stream = iter(interrupted)
+    trained = [next(stream)["image"] for _ in range(3)]
+    state = interrupted.state_dict()  # what Lightning saves with a checkpoint
+    assert state == {"epoch": 0, "batches": 3}
+
+    def resumed_from(state: dict) -> tuple[list[torch.Tensor], dict]:
+        resumed = loader()
+        resumed.load_state_dict(state)
+        return [batch["image"] for batch in resumed], resumed.state_dict()
+
+    rest, after = resumed_from(state)
+    assert not any(torch.equal(new, old) for new in rest for old in trained)
+    assert after == {"epoch": 0, "batches": 3 + len(rest)}  # a second interruption seeds differently again
+    again, _ = resumed_from(state)
+    assert all(torch.equal(a, b) for a, b in zip(rest, again, strict=True))  # seeded: resuming is reproducible
+    # a checkpoint from the end of an epoch (the trainer has moved to the next one) changes nothing
+    other, _ = resumed_from({"epoch": 7, "batches": 6})
+    fresh = [batch["image"] for batch in loader()]
+    assert all(torch.equal(a, b) for a, b in zip(other, fresh, strict=True)) and torch.equal(fresh[0], trained[0])
+
+
 def test_train_transform_draft_decoding_matches_full_decoding():
     data = jpeg_bytes(smooth_image(256, 320, 0))
     img = Image.open(io.BytesIO(data))

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -68,12 +69,16 @@ class Recorder(pl.Callback):
         self.start_step: int | None = None
         self.start_optimizer: dict | None = None
         self.captured: dict | None = None
+        self.batches: list[torch.Tensor] = []  # the training images of each step
 
     def on_train_start(self, trainer, pl_module):
         self.start_step = trainer.global_step
         self.start_optimizer = _clone(trainer.optimizers[0].state_dict())
         self.start_ema = _clone(pl_module.ema.module.state_dict())
         self.start_quantizer = _clone(pl_module.tokenizer.quantizer.state_dict())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch["image"].clone())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.capture_at:
@@ -196,8 +201,17 @@ def test_resume_continues_at_the_right_step_with_the_same_optimizer_state(data_d
     with pytest.raises(VistokError, match="resume=auto"):
         run_training(make_cfg(*overrides), tmp_path)
     second = Recorder()
-    result = run_with(make_cfg(*overrides, "resume=auto"), tmp_path, second)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_with(make_cfg(*overrides, "resume=auto"), tmp_path, second)
     assert second.start_step == 3 and result.step == 6
+    # step 3 is inside the first epoch (data.batches_per_epoch=50): the loader's state came with the
+    # checkpoint, so Lightning resumes it as a resumable loader, and the rest of the epoch is new data,
+    # not the first run's batches again
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["epoch"] == 0
+    assert not [w for w in caught if "dataloader is not resumable" in str(w.message)]
+    assert len(first.batches) == 4 and len(second.batches) == 3
+    assert not any(torch.equal(new, old) for new in second.batches for old in first.batches)
     assert_same_optimizer_state(second.start_optimizer, first.captured)
     assert saved["lr_schedulers"][0]["last_epoch"] == 3
     assert all(torch.equal(second.start_ema[k], v) for k, v in saved["ema_state_dict"].items())
