@@ -87,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     parser.add_argument(
+        "--labels", choices=("folder",), default=None,
+        help="class labels: 'folder' takes each image's top-level folder under SRC as its class (as torchvision's "
+        "ImageFolder), writes it as the sample's cls member and the class names in index.json (vistok probe is "
+        "then class-conditional)",
+    )
+    parser.add_argument(
         "--val-fraction", type=_fraction, default=None, metavar="F",
         help="hold out this share of the images (e.g. 0.02), chosen by a hash of their names: writes OUT/train "
         "and OUT/val, each with its own shards and index.json",
@@ -106,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         written = write_shards(
             args.source, args.out, args.samples_per_shard, max_size=args.max_size, resize=args.resize,
             image_format=args.image_format, quality=args.quality, workers=args.workers, overwrite=args.overwrite,
-            val_fraction=args.val_fraction, progress=progress,
+            val_fraction=args.val_fraction, labels=args.labels, progress=progress,
         )
     finally:
         progress.close()

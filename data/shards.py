@@ -27,7 +27,7 @@ import multiprocessing
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,13 +152,14 @@ def read_index(folder: str | os.PathLike) -> dict:
 
 @dataclass
 class EncodedSample:
-    """One image ready to be written: its key, member extension and bytes, and sizes."""
+    """One image ready to be written: its key, member extension and bytes, sizes, and class label."""
 
     key: str
     ext: str  # "jpg" or "png"
     data: bytes
     source_size: tuple[int, int]
     stored_size: tuple[int, int]
+    label: int | None = None  # written as the sample's ``cls`` member (ASCII digits, as ImageNet shards)
 
 
 @dataclass
@@ -249,8 +250,11 @@ class _AtomicShardSink:
                 format="PAX_FORMAT",  # long or non-ASCII keys are fine in PAX headers
             )
             for sample in samples:
-                # One member per sample: every extra member costs the reader a tar header parse.
-                self._writer.write({"__key__": sample.key, sample.ext: sample.data})
+                # No members beyond the image (and its label): each costs the reader a tar header parse.
+                member = {"__key__": sample.key, sample.ext: sample.data}
+                if sample.label is not None:
+                    member["cls"] = str(sample.label).encode("ascii")
+                self._writer.write(member)
                 self.source_sizes.add(sample.source_size)
                 self.stored_sizes.add(sample.stored_size)
             self._writer.close()
@@ -388,11 +392,12 @@ def _target_size(size: tuple[int, int], settings: _Settings) -> tuple[int, int] 
 
 def _encoded_stream(
     jobs: list[tuple[str, str, _Settings]], workers: int, skipped: list[dict],
-    on_file: Callable[[], None] | None = None,
+    on_file: Callable[[], None] | None = None, labels: Mapping[str, int] | None = None,
 ) -> Iterator[EncodedSample]:
     """Encode in a process pool in bounded windows (memory stays flat), yielding in input order.
 
-    ``on_file()`` is called once per input file, read or skipped (progress reports)."""
+    ``on_file()`` is called once per input file, read or skipped (progress reports). ``labels``:
+    each relative path's class index, written as its ``cls`` member."""
     used: set[str] = set()
 
     def finish(result: tuple[str, EncodedSample | None, str]) -> EncodedSample | None:
@@ -411,6 +416,7 @@ def _encoded_stream(
                 key, n = f"{base}_{n}", n + 1
         used.add(key)
         sample.key = key
+        sample.label = None if labels is None else labels[relative]
         return sample
 
     if workers <= 1:
@@ -445,6 +451,19 @@ def split_files(files: Sequence[str], val_fraction: float) -> tuple[list[str], l
     return [f for f in files if f not in held_out], [f for f in files if f in held_out]
 
 
+def folder_labels(files: Sequence[str]) -> tuple[list[str], dict[str, int]]:
+    """Class labels from each relative path's top-level folder, as torchvision's ``ImageFolder``:
+    ``(class names sorted, {path: index into them})``. Every file must sit inside a class folder."""
+    loose = [name for name in files if "/" not in name]
+    if loose:
+        more = f" (and {len(loose) - 1} more images)" if len(loose) > 1 else ""
+        raise VistokError(f"--labels folder takes each image's class from its top-level folder, but {loose[0]}{more} "
+                          "sits directly in the source folder; move it into a class folder or drop --labels")
+    classes = sorted({name.split("/", 1)[0] for name in files})
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, {name: index[name.split("/", 1)[0]] for name in files}
+
+
 def write_shards(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -457,6 +476,7 @@ def write_shards(
     workers: int | None = None,
     overwrite: bool = False,
     val_fraction: float | None = None,
+    labels: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Turn a folder tree of images into webdataset shards plus ``index.json``; return the index.
@@ -468,8 +488,10 @@ def write_shards(
 
     ``val_fraction``: hold out that share of the files (:func:`split_files`) and write
     ``out_dir/train`` and ``out_dir/val``, each with its own shards and ``index.json``; the
-    returned dict is then ``{"train": index, "val": index}``. ``progress(done, total)`` is called
-    after every input file, read or skipped.
+    returned dict is then ``{"train": index, "val": index}``. ``labels="folder"``: each sample gets
+    a ``cls`` member, the index of its top-level folder among the sorted folder names
+    (:func:`folder_labels`), and each index lists those names as ``classes``; both splits share
+    them. ``progress(done, total)`` is called after every input file, read or skipped.
     """
     src = Path(source).expanduser()
     if not src.exists():
@@ -487,6 +509,8 @@ def write_shards(
         raise VistokError(f"--quality must be between 1 and 100, got {quality}")
     if val_fraction is not None and not 0 < val_fraction < 1:
         raise VistokError(f"--val-fraction must be between 0 and 1 (e.g. 0.02), got {val_fraction}")
+    if labels not in (None, "folder"):
+        raise VistokError(f"--labels must be 'folder' (the class is each image's top-level folder), got {labels!r}")
     files = list_images(src)
     if not files:
         raise VistokError(
@@ -498,6 +522,7 @@ def write_shards(
         workers = min(8, os.cpu_count() or 1)
     settings = _Settings(max_size, resize, image_format, quality)
     relative = {path.relative_to(src).as_posix(): str(path) for path in files}
+    classes, label_of = folder_labels(list(relative)) if labels == "folder" else (None, None)
     out = Path(out_dir).expanduser()
     if val_fraction is None:
         splits = {None: list(relative)}
@@ -521,7 +546,7 @@ def write_shards(
             "rule": "files ranked by SHA-256 of their relative path; the first round(val_fraction * n) are val",
         }}
         indices[name] = write_samples(
-            _encoded_stream([(relative[r], r, settings) for r in names], workers, skipped, on_file),
+            _encoded_stream([(relative[r], r, settings) for r in names], workers, skipped, on_file, label_of),
             out if name is None else out / name,
             samples_per_shard,
             overwrite=overwrite,
@@ -529,12 +554,14 @@ def write_shards(
             extra={
                 "source": str(src.resolve()),
                 **split_info,
+                **({} if classes is None else {"classes": classes}),
                 "settings": {
                     "samples_per_shard": samples_per_shard,
                     "max_size": max_size,
                     "resize": resize,
                     "format": image_format,
                     "quality": quality,
+                    "labels": labels,
                 },
             },
         )

@@ -657,6 +657,38 @@ def test_vistok_shards_holds_out_a_deterministic_validation_split(tmp_path, caps
     assert refused.value.code == 2 and "expected a number between 0 and 1" in capsys.readouterr().err
 
 
+def test_vistok_shards_labels_each_image_by_its_class_folder(tmp_path, capsys):
+    from vistok.data.shards import read_labeled_shard_samples
+
+    src = tmp_path / "src"
+    classes = ["dog", "cat", "zebra"]
+    for i in range(30):
+        (src / classes[i % 3] / "sub").mkdir(parents=True, exist_ok=True)  # nested: the top-level folder counts
+        Image.fromarray(smooth_image(8, 8, i)).save(src / classes[i % 3] / "sub" / f"img{i:02d}.png")
+    out = tmp_path / "out"
+    argv = ["shards", str(src), str(out), "--labels", "folder", "--val-fraction", "0.2", "--workers", "0"]
+    assert vistok_cli.main(argv) == 0
+    for split in ("train", "val"):  # one class list for both splits, sorted as torchvision's ImageFolder
+        index = read_index(out / split)
+        assert index["classes"] == ["cat", "dog", "zebra"] and index["settings"]["labels"] == "folder"
+        urls = [str(out / split / shard["name"]) for shard in index["shards"]]
+        labelled = list(read_labeled_shard_samples(urls))
+        assert len(labelled) == index["total"]
+        assert all(label == index["classes"].index(key.split("/")[0]) for key, _, label in labelled)
+    capsys.readouterr()
+
+    # without --labels, no cls member; an image outside any class folder is refused in one sentence
+    write_shards(src, tmp_path / "plain", workers=0)
+    plain = read_index(tmp_path / "plain")
+    assert "classes" not in plain and all(label is None for _, _, label in read_labeled_shard_samples(
+        [str(tmp_path / "plain" / shard["name"]) for shard in plain["shards"]]))
+    Image.fromarray(smooth_image(8, 8, 99)).save(src / "loose.png")
+    assert vistok_cli.main(["shards", str(src), str(tmp_path / "x"), "--labels", "folder", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "loose.png sits directly in the source folder; move it into a class folder" in err
+    assert not (tmp_path / "x").exists() or not list((tmp_path / "x").iterdir())
+
+
 def test_vistok_shards_reports_progress_as_lines_when_redirected_and_a_bar_on_a_terminal(tmp_path):
     import io
 
