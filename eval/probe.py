@@ -312,7 +312,7 @@ def train_probe(cfg: Any, train: TokenSet, val: TokenSet, codebook_size: int, nu
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
     final_step = trainer.global_step
     if final_step > 0:  # max_steps need not fall on a validation: last.ckpt holds the final weights for resume
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # resumable: optimizer too
     module.selected_step = final_step
     if cfg.select == "best" and checkpoint.best_model_path:
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
