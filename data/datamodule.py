@@ -506,8 +506,7 @@ class TrainLoader(wds.WebLoader):
         self.epoch_source = epoch_source
         self.epochs_started = 0
         self.num_skipped = 0
-        self.epoch = 0  # the epoch being read, and batches handed out in it (before a resume too)
-        self.batches_taken = 0
+        self.batches_taken = 0  # in the epoch being read (shared_epoch), before a resume too
         self._resume: tuple[int, int] | None = None  # (epoch, batches) from load_state_dict
 
     def __len__(self) -> int:
@@ -515,7 +514,7 @@ class TrainLoader(wds.WebLoader):
 
     def state_dict(self) -> dict[str, int]:
         # counts the batch Lightning prefetched too: it only seeds the resumed streams
-        return {"epoch": self.epoch, "batches": self.batches_taken}
+        return {"epoch": self.shared_epoch.get(), "batches": self.batches_taken}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self._resume = (int(state["epoch"]), int(state["batches"]))
@@ -527,8 +526,8 @@ class TrainLoader(wds.WebLoader):
         epoch = self.epochs_started if epoch is None else epoch
         resume, self._resume = self._resume, None
         resumed_at = resume[1] if resume is not None and resume[0] == epoch else 0
-        self.epoch, self.batches_taken = epoch, resumed_at
         self.shared_epoch.set(epoch, resumed_at)
+        self.batches_taken = resumed_at
         self.epochs_started += 1
         for batch in super().__iter__():
             self.batches_taken += 1
